@@ -83,9 +83,7 @@ def check_count(n: Any, what: str = "num_images_per_prompt") -> int:
     return int(n)
 
 
-def make_generators(
-    seed: int | Sequence[int] | None, count: int
-) -> tuple[list[torch.Generator], list[int]]:
+def make_generators(seed: int | Sequence[int] | None, count: int) -> tuple[list[torch.Generator], list[int]]:
     """One CPU generator per image, seeded ``seed + i`` (or the given list), so image ``i`` can be
     regenerated alone from its own seed, on any device (CPU noise is the same everywhere)."""
     if seed is None:

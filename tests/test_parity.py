@@ -48,7 +48,9 @@ def test_text_pipeline_matches_pixart_alpha_micro_conditions_and_binning(tmp_pat
     path = save_stock_pixart(tmp_path / "pixart", sigma=False, sample_size=32, vae_blocks=4)
     ref = DiffusionPipeline.from_pretrained(path)
     ours = load_pipeline(path)
-    args = dict(prompt="a blue star", num_inference_steps=3, guidance_scale=3.0, height=192, width=256, output_type="np")
+    args = dict(
+        prompt="a blue star", num_inference_steps=3, guidance_scale=3.0, height=192, width=256, output_type="np"
+    )
     expected = ref(**args, generator=torch.Generator().manual_seed(1), clean_caption=False).images
     got = ours(**args, generator=torch.Generator().manual_seed(1)).images
     assert expected.shape == got.shape == (1, 192, 256, 3)
@@ -61,8 +63,12 @@ def test_micro_conditions_reach_the_transformer(tmp_path):
     model = tiny_pixart(sample_size=128)
     assert model.use_additional_conditions
     x, e, t = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16), torch.tensor([3])
-    a = model(x, e, t, added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0]]), "aspect_ratio": torch.tensor([[1.0]])})
-    b = model(x, e, t, added_cond_kwargs={"resolution": torch.tensor([[64.0, 32.0]]), "aspect_ratio": torch.tensor([[2.0]])})
+    a = model(
+        x, e, t, added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0]]), "aspect_ratio": torch.tensor([[1.0]])}
+    )
+    b = model(
+        x, e, t, added_cond_kwargs={"resolution": torch.tensor([[64.0, 32.0]]), "aspect_ratio": torch.tensor([[2.0]])}
+    )
     assert not torch.allclose(a.sample, b.sample)
 
 
@@ -77,12 +83,19 @@ def test_class_pipeline_matches_diffusers_dit(tmp_path, scheduler):
 
         ref.scheduler = make_scheduler(scheduler, ref.scheduler.config)
     expected = ref(
-        class_labels=[0, 2], num_inference_steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+        class_labels=[0, 2],
+        num_inference_steps=5,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(3),
         output_type="np",
     ).images
     got = ours(
-        class_labels=[0, 2], num_inference_steps=5, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
-        output_type="np", scheduler=scheduler,
+        class_labels=[0, 2],
+        num_inference_steps=5,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+        scheduler=scheduler,
     ).images
     assert expected.shape == got.shape
     assert np.abs(_uint8(expected) - _uint8(got)).max() <= 1

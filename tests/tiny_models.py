@@ -16,7 +16,26 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-WORDS = ["a", "red", "green", "blue", "cat", "dog", "face", "smiling", "grinning", "heart", "star", "sun", "moon", "tree", "car", "with", "and", "the"]
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "face",
+    "smiling",
+    "grinning",
+    "heart",
+    "star",
+    "sun",
+    "moon",
+    "tree",
+    "car",
+    "with",
+    "and",
+    "the",
+]
 
 
 def tiny_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
@@ -31,7 +50,13 @@ def tiny_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
 def tiny_t5(seed: int = 0) -> T5EncoderModel:
     torch.manual_seed(seed)
     cfg = T5Config(
-        vocab_size=len(WORDS) + 3, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+        vocab_size=len(WORDS) + 3,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
     )
     return T5EncoderModel(cfg).eval()
 
