@@ -1,8 +1,9 @@
 """``load_pipeline``: a catalog name, a local directory or a hub id -> a ready DiT Studio pipeline.
 
 Stock diffusers PixArt-α/Σ and DiT directories are loaded with diffusers and re-wrapped in our pipelines
-(same components, our sampler loop, records and validation); our own directories load directly, since their
-``model_index.json`` names importable classes (``["pipelines", "TextToImagePipeline"]``).
+(same components, our sampler loop, records and validation); our own directories load through their
+pipeline class (``TextToImagePipeline.from_pretrained`` works too), whose components name importable
+modules (``["dit.models.text_dit", "TextDiTModel"]``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from .text_to_image import TextToImagePipeline
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 STOCK_TEXT = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+OUR_PIPELINES: dict[str, type[DiTStudioPipeline]] = {
+    "TextToImagePipeline": TextToImagePipeline,
+    "ClassToImagePipeline": ClassToImagePipeline,
+}
 
 
 def resolve_model_path(name_or_path: str | Path, catalog: Catalog | None = None) -> Path:
@@ -99,8 +104,8 @@ def load_pipeline(
             pipe = ClassToImagePipeline(
                 transformer=stock.transformer, scheduler=stock.scheduler, vae=stock.vae, id2label=index.get("id2label")
             )
-        elif class_name in ("TextToImagePipeline", "ClassToImagePipeline"):
-            pipe = DiffusionPipeline.from_pretrained(path, **load_kwargs)
+        elif class_name in OUR_PIPELINES:
+            pipe = OUR_PIPELINES[class_name].from_pretrained(path, **load_kwargs)
         else:
             raise ModelLoadError(
                 f"{path} holds a {class_name}, which DiT Studio does not serve. Supported: our pipelines, "

@@ -145,3 +145,49 @@ def save_stock_dit(path: Path, sample_size: int = 8) -> Path:
     data["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish", "2": "great white shark, white shark"}
     index.write_text(json.dumps(data, indent=2))
     return Path(path)
+
+
+def tiny_text_pipeline(sample_size: int = 8, seed: int = 0):
+    """Our TextToImagePipeline, pixel space (no VAE), as the shipped defaults are."""
+    from dit import TextDiTModel
+    from pipelines import TextToImagePipeline
+
+    torch.manual_seed(seed)
+    transformer = TextDiTModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        caption_channels=16,
+    )
+    perturb(transformer, seed=seed)
+    return TextToImagePipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_t5(seed),
+        transformer=transformer.eval(),
+        scheduler=DPMSolverMultistepScheduler(),
+        max_sequence_length=16,
+    )
+
+
+def tiny_class_pipeline(sample_size: int = 8, seed: int = 0, num_classes: int = 4):
+    from dit import DiTModel
+    from pipelines import ClassToImagePipeline
+
+    torch.manual_seed(seed)
+    transformer = DiTModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=3,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_classes=num_classes,
+        learn_sigma=False,
+    )
+    perturb(transformer, seed=seed)
+    names = {str(i): n for i, n in enumerate(["smileys", "animals", "food", "travel"][:num_classes])}
+    return ClassToImagePipeline(transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler(), id2label=names)
