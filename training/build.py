@@ -1,0 +1,94 @@
+"""Build what a training config describes: backbone, text encoder and tokenizer, and the final pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+from dit import DiTModel, TextDiTModel
+
+from .config import TrainConfig
+
+
+def noise_scheduler(config: TrainConfig) -> DDPMScheduler:
+    n = config.noise
+    return DDPMScheduler(
+        num_train_timesteps=n.num_train_timesteps,
+        beta_schedule=n.beta_schedule,
+        beta_start=n.beta_start,
+        beta_end=n.beta_end,
+        prediction_type=n.prediction_type,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(config: TrainConfig) -> DPMSolverMultistepScheduler:
+    """The scheduler saved with the pipeline: DPM-Solver++(2M) over the training noise schedule."""
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler(config).config)
+
+
+def build_transformer(config: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {"sample_size": config.data.resolution, "in_channels": 3}
+    if config.kind == "text-to-image":
+        kwargs.update(out_channels=3, caption_channels=config.text_encoder.d_model)
+        kwargs.update(config.model)
+        return TextDiTModel(**kwargs)
+    kwargs.update(learn_sigma=False)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs.update(config.model)
+    if kwargs.get("learn_sigma"):
+        raise ValueError(
+            "model.learn_sigma: true needs DiT's hybrid MSE+VLB loss, which training/ does not implement; "
+            "set learn_sigma: false (sampling with converted learned-sigma checkpoints works)."
+        )
+    return DiTModel(**kwargs)
+
+
+def build_text_encoder(config: TrainConfig, captions: list[str]) -> tuple[Any, Any]:
+    """(tokenizer, text encoder): a pretrained pair, or a word tokenizer over the captions plus a small T5."""
+    from transformers import AutoModel, AutoTokenizer, T5Config, T5EncoderModel
+
+    tc = config.text_encoder
+    if tc.pretrained:
+        return AutoTokenizer.from_pretrained(tc.pretrained), AutoModel.from_pretrained(tc.pretrained)
+    from .data.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(captions, max_length=tc.max_length)
+    encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=tc.d_model,
+            d_kv=tc.d_model // tc.num_heads,
+            d_ff=tc.d_ff,
+            num_layers=tc.num_layers,
+            num_heads=tc.num_heads,
+            relative_attention_num_buckets=16,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            feed_forward_proj="gated-gelu",
+        )
+    )
+    return tokenizer, encoder
+
+
+def build_pipeline(
+    config: TrainConfig,
+    transformer: torch.nn.Module,
+    tokenizer: Any = None,
+    text_encoder: Any = None,
+    id2label: dict[str, str] | None = None,
+) -> Any:
+    from pipelines import ClassToImagePipeline, TextToImagePipeline
+
+    if config.kind == "text-to-image":
+        return TextToImagePipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transformer=transformer,
+            scheduler=sampling_scheduler(config),
+            max_sequence_length=config.text_encoder.max_length,
+        )
+    return ClassToImagePipeline(transformer=transformer, scheduler=sampling_scheduler(config), id2label=id2label)
