@@ -116,8 +116,8 @@ class ClassToImagePipeline(DiTStudioPipeline):
         if guidance_channels is not None and not 1 <= guidance_channels <= self.latent_channels:
             raise InputError(f"guidance_channels must be between 1 and {self.latent_channels}.")
         sched = self.resolve_scheduler(scheduler)
-        height = height or self.default_size()
-        width = width or self.default_size()
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         check_size(height, width, self.vae_scale_factor * self.patch_size)
         labels = [i for i in ids for _ in range(count)]
         total = len(labels)

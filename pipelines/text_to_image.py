@@ -150,8 +150,8 @@ class TextToImagePipeline(DiTStudioPipeline):
         guidance = check_guidance(guidance_scale)
         count = check_count(num_images_per_prompt)
         sched = self.resolve_scheduler(scheduler)
-        height = height or self.default_size()
-        width = width or self.default_size()
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         check_size(height, width, self.vae_scale_factor * self.patch_size)
         binning = self.config.use_resolution_binning if use_resolution_binning is None else use_resolution_binning
         orig_height, orig_width = height, width
