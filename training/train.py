@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,31 @@ def select_classes(dataset: Any, keep: list[int]) -> None:
         raise ValueError(f"no examples left after data.categories={keep}")
 
 
+def denoising_loss(
+    noise_scheduler: Any, x0: torch.Tensor, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The DDPM training loss shared by full training and LoRA fine-tuning (``training.lora``).
+
+    Draws noise and timesteps, calls ``predict(x_t, t)`` (which may draw more randomness, e.g. caption dropout,
+    *after* the noise: the order is part of exact resume), and compares the prediction with the target of
+    the scheduler's ``prediction_type``. Extra predicted channels (a learned-sigma half) are ignored.
+    """
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    xt = noise_scheduler.add_noise(x0, noise, t)
+    pred = predict(xt, t)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not trainable here; use epsilon, v_prediction or sample.")
+    return F.mse_loss(pred.float()[:, : target.shape[1]], target.float())
+
+
 def open_dataset(config: TrainConfig) -> Any:
     dataset = open_image_folder(config.data.root, config.data.resolution, random_flip=config.data.random_flip)
     if config.kind == "class-to-image":
@@ -58,7 +84,9 @@ def open_dataset(config: TrainConfig) -> Any:
             select_classes(dataset, list(config.data.categories))
     elif any(not t for t in dataset.texts):
         missing = sum(1 for t in dataset.texts if not t)
-        raise ValueError(f"{missing} images in {config.data.root} have no caption; text-to-image training needs one each.")
+        raise ValueError(
+            f"{missing} images in {config.data.root} have no caption; text-to-image training needs one each."
+        )
     return dataset
 
 
@@ -69,6 +97,49 @@ class Trainer:
         self.config = config
         self.out = Path(config.output_dir)
         opt = config.optim
+        self.setup_run()
+        self.noise = noise_scheduler(config)
+        self.tokenizer = self.text_encoder = None
+        self.id2label = None
+        if config.kind == "text-to-image":
+            self.tokenizer, self.text_encoder = build_text_encoder(config, [t or "" for t in self.dataset.texts])
+            self.transformer = build_transformer(config)
+        else:
+            num_classes = len(self.dataset.class_names or []) or (max(self.dataset.labels) + 1)
+            names = self.dataset.class_names or [str(i) for i in range(num_classes)]
+            self.id2label = {str(i): n for i, n in enumerate(names)}
+            self.transformer = build_transformer(config, num_classes)
+        if opt.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        train_text = self.text_encoder is not None and config.text_encoder.train
+        self.train_text = train_text
+        self.text_max_length = config.text_encoder.max_length
+        if self.text_encoder is not None and not train_text:
+            self.text_encoder.requires_grad_(False)
+        params = list(self.transformer.parameters()) + (list(self.text_encoder.parameters()) if train_text else [])
+        self.ema_params = params
+        self.ema = EMAModel(params, decay=opt.ema_decay, use_ema_warmup=opt.ema_warmup)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=opt.learning_rate, weight_decay=opt.weight_decay, betas=tuple(opt.betas)
+        )
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup",
+            self.optimizer,
+            num_warmup_steps=opt.warmup_steps * self.accelerator.num_processes,
+        )
+        models = [self.transformer] + ([self.text_encoder] if self.text_encoder is not None else [])
+        prepared = self.accelerator.prepare(*models, self.optimizer, self.lr_scheduler)
+        self.transformer = prepared[0]
+        if self.text_encoder is not None:
+            self.text_encoder = prepared[1]
+        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
+        self.accelerator.register_for_checkpointing(self.ema)
+        self.models = models
+        self.global_step = 0
+
+    def setup_run(self) -> None:
+        """Accelerator, seeds, dataset and the resumable batch sampler: what every training script shares."""
+        config, opt = self.config, self.config.optim
         self.accelerator = Accelerator(
             gradient_accumulation_steps=opt.gradient_accumulation_steps,
             mixed_precision=opt.mixed_precision,
@@ -95,42 +166,6 @@ class Trainer:
                 f"{len(self.dataset)} images make no full batch of {opt.batch_size} per process; "
                 "lower optim.batch_size."
             )
-        self.noise = noise_scheduler(config)
-        self.tokenizer = self.text_encoder = None
-        self.id2label = None
-        if config.kind == "text-to-image":
-            self.tokenizer, self.text_encoder = build_text_encoder(config, [t or "" for t in self.dataset.texts])
-            self.transformer = build_transformer(config)
-        else:
-            num_classes = len(self.dataset.class_names or []) or (max(self.dataset.labels) + 1)
-            names = self.dataset.class_names or [str(i) for i in range(num_classes)]
-            self.id2label = {str(i): n for i, n in enumerate(names)}
-            self.transformer = build_transformer(config, num_classes)
-        if opt.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        train_text = self.text_encoder is not None and config.text_encoder.train
-        if self.text_encoder is not None and not train_text:
-            self.text_encoder.requires_grad_(False)
-        params = list(self.transformer.parameters()) + (list(self.text_encoder.parameters()) if train_text else [])
-        self.ema_params = params
-        self.ema = EMAModel(params, decay=opt.ema_decay, use_ema_warmup=opt.ema_warmup)
-        self.optimizer = torch.optim.AdamW(
-            params, lr=opt.learning_rate, weight_decay=opt.weight_decay, betas=tuple(opt.betas)
-        )
-        self.lr_scheduler = get_scheduler(
-            "constant_with_warmup",
-            self.optimizer,
-            num_warmup_steps=opt.warmup_steps * self.accelerator.num_processes,
-        )
-        models = [self.transformer] + ([self.text_encoder] if self.text_encoder is not None else [])
-        prepared = self.accelerator.prepare(*models, self.optimizer, self.lr_scheduler)
-        self.transformer = prepared[0]
-        if self.text_encoder is not None:
-            self.text_encoder = prepared[1]
-        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
-        self.accelerator.register_for_checkpointing(self.ema)
-        self.models = models
-        self.global_step = 0
 
     # ---- one step -----------------------------------------------------------------------------------
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,27 +174,27 @@ class Trainer:
         tokens = self.tokenizer(
             texts,
             padding="max_length",
-            max_length=self.config.text_encoder.max_length,
+            max_length=self.text_max_length,
             truncation=True,
             return_tensors="pt",
         )
         device = self.accelerator.device
         mask = tokens.attention_mask.to(device)
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], mask
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text):  # a frozen encoder needs no graph
+            return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], mask
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        device = self.accelerator.device
-        x0 = batch["pixel_values"].to(device)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=device)
-        xt = self.noise.add_noise(x0, noise, t)
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clean sample x0 of a batch: the pixels themselves for our pixel-space models."""
+        return batch["pixel_values"].to(self.accelerator.device)
+
+    def predict(self, xt: torch.Tensor, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if self.config.kind == "text-to-image":
             emb, mask = self.encode_text(list(batch["text"]))
-            pred = self.transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t).sample
-        else:
-            pred = self.transformer(xt, t, batch["label"].to(device)).sample
-        target = noise if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(x0, noise, t)
-        return F.mse_loss(pred.float()[:, : target.shape[1]], target.float())
+            return self.transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t).sample
+        return self.transformer(xt, t, batch["label"].to(self.accelerator.device)).sample
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return denoising_loss(self.noise, self.latents(batch), lambda xt, t: self.predict(xt, t, batch))
 
     # ---- the run ------------------------------------------------------------------------------------
     def resume(self, resume: str | None) -> None:
@@ -218,7 +253,8 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
-                self.ema.step(self.ema_params)
+                if self.ema is not None:
+                    self.ema.step(self.ema_params)
                 step_loss = acc.gather(torch.stack(running).mean()[None]).mean().item()
                 running = []
                 if not math.isfinite(step_loss):
@@ -238,9 +274,13 @@ class Trainer:
                     break
             epoch, skip = epoch + 1, 0
         progress.close()
-        result = self.save_pipeline()
+        result = self.finish()
         acc.end_training()
         return result
+
+    def finish(self) -> Path | None:
+        """What a finished run writes (a full pipeline here; a LoRA file in ``training.lora``)."""
+        return self.save_pipeline()
 
     def _ema_pipeline(self) -> Any:
         """A pipeline over unwrapped copies of the models carrying the EMA weights."""
@@ -288,7 +328,9 @@ class Trainer:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (training/configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.max_steps=50")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.max_steps=50"
+    )
     parser.add_argument(
         "--resume", default="auto", help="'auto' (newest checkpoint in output_dir), 'none', or a checkpoint path"
     )
