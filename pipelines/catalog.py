@@ -10,16 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .registry import kind_of
+
 ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 
-# model_index.json ``_class_name`` -> kind of generator
-PIPELINE_KINDS: dict[str, str] = {
-    "TextToImagePipeline": "text-to-image",
-    "PixArtAlphaPipeline": "text-to-image",
-    "PixArtSigmaPipeline": "text-to-image",
-    "ClassToImagePipeline": "class-to-image",
-    "DiTPipeline": "class-to-image",
-}
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ class Catalog:
 
     def _add(self, name: str, path: Path) -> None:
         index = read_model_index(path)
-        kind = PIPELINE_KINDS.get(index["_class_name"], index.get("_dit_studio_kind", "unknown"))
+        kind = kind_of(index["_class_name"]) or "unknown"
         base, n = name, 2
         while name in self.entries:
             name, n = f"{base}-{n}", n + 1

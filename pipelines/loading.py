@@ -20,16 +20,14 @@ from .catalog import Catalog, default_catalog, read_model_index
 from .class_to_image import ClassToImagePipeline
 from .errors import ModelLoadError
 from .metadata import directory_hash
+from .registry import pipeline_class, served_class_names, spec_for
 from .schedulers import make_scheduler
 from .text_to_image import TextToImagePipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 STOCK_TEXT = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
-OUR_PIPELINES: dict[str, type[DiTStudioPipeline]] = {
-    "TextToImagePipeline": TextToImagePipeline,
-    "ClassToImagePipeline": ClassToImagePipeline,
-}
+
 
 
 def resolve_model_path(name_or_path: str | Path, catalog: Catalog | None = None) -> Path:
@@ -104,12 +102,12 @@ def load_pipeline(
             pipe = ClassToImagePipeline(
                 transformer=stock.transformer, scheduler=stock.scheduler, vae=stock.vae, id2label=index.get("id2label")
             )
-        elif class_name in OUR_PIPELINES:
-            pipe = OUR_PIPELINES[class_name].from_pretrained(path, **load_kwargs)
+        elif (spec := spec_for(class_name)) is not None and not spec.stock:
+            pipe = pipeline_class(class_name).from_pretrained(path, **load_kwargs)
         else:
             raise ModelLoadError(
-                f"{path} holds a {class_name}, which DiT Studio does not serve. Supported: our pipelines, "
-                f"{', '.join(STOCK_TEXT)} and DiTPipeline directories."
+                f"{path} holds a {class_name}, which DiT Studio does not serve. Served: "
+                f"{', '.join(served_class_names())}."
             )
     except ModelLoadError:
         raise

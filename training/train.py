@@ -231,8 +231,11 @@ class Trainer:
         consumed = self.global_step * accum
         epoch, skip = divmod(consumed, per_epoch)
         losses_path = self.out / "losses.jsonl"
-        if acc.is_main_process and self.global_step == 0 and losses_path.exists():
-            losses_path.unlink()
+        if acc.is_main_process and losses_path.exists():
+            # Keep only the steps the restored state has seen: a run killed after its last checkpoint
+            # logged steps that the resumed run will compute again.
+            kept = [ln for ln in losses_path.read_text().splitlines() if json.loads(ln)["step"] <= self.global_step]
+            losses_path.write_text("".join(ln + "\n" for ln in kept))
         progress = tqdm(
             total=cfg.optim.max_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="train"
         )
