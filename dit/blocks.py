@@ -44,13 +44,17 @@ class DiTBlock(nn.Module):
             raise ValueError(f"modulation must be 'ada_zero' or 'ada_single', got {modulation!r}")
         self.modulation = modulation
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        # qk-norm normalises self-attention only, as PixArt-Σ does; "layer_norm_across_heads" is Σ's form
+        # (one LayerNorm over all heads, PyTorch's default eps 1e-5).
+        across = qk_norm == "layer_norm_across_heads"
         self.attn1 = Attention(
             query_dim=dim,
             heads=num_attention_heads,
+            kv_heads=num_attention_heads if across else None,
             dim_head=attention_head_dim,
             bias=attention_bias,
             qk_norm=qk_norm,
-            eps=1e-6,
+            eps=1e-5 if across else 1e-6,
             out_bias=True,
         )
         self.attn2 = None
@@ -61,8 +65,6 @@ class DiTBlock(nn.Module):
                 heads=num_attention_heads,
                 dim_head=attention_head_dim,
                 bias=attention_bias,
-                qk_norm=qk_norm,
-                eps=1e-6,
                 out_bias=True,
             )
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)

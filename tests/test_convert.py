@@ -416,8 +416,13 @@ def test_pixart_alpha_image_size_and_unsupported_features():
             with_qk[f"blocks.{i}.attn.{n}.bias"] = torch.zeros(48)
     mapped = pixart_original_to_diffusers(with_qk)
     assert "transformer_blocks.1.attn1.norm_k.bias" in mapped
-    with pytest.raises(NotImplementedError, match="qk_norm"):
-        convert_pixart_original(with_qk, image_size=256, num_heads=2)
+    with_qk["blocks.0.attn.q_norm.weight"] = torch.full((48,), 2.0)  # non-trivial, so it must reach the model
+    sigma_qk = convert_pixart_original(with_qk, image_size=256, num_heads=2)
+    block = sigma_qk.transformer_blocks[0]
+    assert sigma_qk.config.qk_norm == "layer_norm_across_heads"
+    assert isinstance(block.attn1.norm_q, torch.nn.LayerNorm) and block.attn1.norm_q.normalized_shape == (48,)
+    assert block.attn1.norm_q.eps == 1e-5 and block.attn2.norm_q is None  # Σ: self-attention only
+    torch.testing.assert_close(block.attn1.norm_q.weight, torch.full((48,), 2.0))
 
     kv = dict(official, **{"blocks.1.attn.sr.weight": torch.zeros(48, 1, 2, 2)})
     with pytest.raises(NotImplementedError, match="KV compression"):

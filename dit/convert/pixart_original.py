@@ -182,13 +182,8 @@ def pixart_original_config(
 
     qk_norm = None
     if "blocks.0.attn.q_norm.weight" in state_dict:
-        # PixArt-Σ's optional qk-norm is LayerNorm(hidden) across heads (eps 1e-5), in self-attention only.
-        # TextDiTModel puts diffusers' qk-norm in both attentions, so such a file has no exact counterpart.
-        raise NotImplementedError(
-            f"{what} was trained with PixArt-Sigma qk_norm (LayerNorm over all heads, self-attention only); "
-            "TextDiTModel applies qk-norm to self- and cross-attention alike, so it cannot reproduce this model. "
-            "No released PixArt checkpoint uses qk_norm."
-        )
+        # PixArt-Σ's optional qk-norm: one LayerNorm(hidden) across heads, eps 1e-5, self-attention only.
+        qk_norm = "layer_norm_across_heads"
     return dict(
         sample_size=sample_size,
         patch_size=patch,
