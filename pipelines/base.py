@@ -170,6 +170,8 @@ class DiTStudioPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         timesteps: list[int] | None = None,
+        known_latents: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Run the scheduler loop; ``predict(x, t)`` returns the model output for a (CFG-doubled) batch.
 
@@ -177,6 +179,11 @@ class DiTStudioPipeline(DiffusionPipeline):
         ``guidance_channels=k`` only the first k channels are guided (original DiT guides 3 of 4). A second
         half of output channels (learned sigma) is dropped before the scheduler step. Returns the final
         latents and whether the loop was interrupted.
+
+        ``known_latents`` with ``known_mask`` (broadcastable to the latents, True where the value is
+        *generated*, False where it is given) re-impose clean given latents at every step: the model input
+        carries ``known_latents`` wherever the mask is False (after ``scale_model_input``, so the model sees the
+        clean values it was trained with, as VDT's sampler does), and the returned latents hold them exactly.
         """
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
@@ -191,6 +198,14 @@ class DiTStudioPipeline(DiffusionPipeline):
         if "generator" in params:
             step_kwargs["generator"] = generator
         channels = latents.shape[1]
+        known = keep_mask = None
+        if known_latents is not None:
+            if known_mask is None:
+                raise ValueError("known_latents needs known_mask (True where latents are generated)")
+            known = known_latents.to(device=latents.device, dtype=latents.dtype)
+            keep_mask = known_mask.to(latents.device).bool()
+            if do_cfg:
+                keep_mask = torch.cat([keep_mask.expand_as(known)] * 2)
         interrupted = False
         self._interrupt = False
         self._num_timesteps = len(scheduler.timesteps)
@@ -201,6 +216,8 @@ class DiTStudioPipeline(DiffusionPipeline):
                     break
                 x_in = torch.cat([latents] * 2) if do_cfg else latents
                 x_in = scheduler.scale_model_input(x_in, t)
+                if known is not None:
+                    x_in = torch.where(keep_mask, x_in, torch.cat([known] * 2) if do_cfg else known)
                 t_in = t if torch.is_tensor(t) else torch.tensor(t, device=device)
                 t_in = t_in.reshape(1).to(device).expand(x_in.shape[0])
                 out = predict(x_in, t_in)
@@ -224,6 +241,8 @@ class DiTStudioPipeline(DiffusionPipeline):
         if self.interrupt:
             interrupted = True
         self._interrupt = False
+        if known is not None:
+            latents = torch.where(known_mask.to(latents.device).bool(), latents, known)
         return latents, interrupted
 
     # ---- decode -------------------------------------------------------------------------------------
