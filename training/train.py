@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -35,6 +36,17 @@ from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config
 from .data.datasets import AspectRatioBucketSampler, collate_image_batch, open_image_folder
 from .validation import save_validation
+
+
+def use_cpu() -> bool:
+    """Whether accelerate must run on the CPU (and form a gloo process group there).
+
+    ``accelerate launch --cpu --num_processes N`` starts one process with accelerate 1.x; several CPU processes
+    come from ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N``, and only form a process
+    group when the Accelerator is told it is on the CPU.
+    """
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
 
 
 def select_classes(dataset: Any, keep: list[int]) -> None:
@@ -141,11 +153,13 @@ class Trainer:
         """Accelerator, seeds, dataset and the resumable batch sampler: what every training script shares."""
         config, opt = self.config, self.config.optim
         self.accelerator = Accelerator(
+            cpu=use_cpu(),
             gradient_accumulation_steps=opt.gradient_accumulation_steps,
             mixed_precision=opt.mixed_precision,
             log_with="tensorboard" if config.tensorboard else None,
             project_dir=str(self.out),
         )
+        self.accelerator.print(f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}")
         set_seed(config.seed, device_specific=True)
         self.dataset = open_dataset(config)
         res = config.data.resolution
