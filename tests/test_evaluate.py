@@ -130,6 +130,7 @@ def test_category_accuracy_on_hand_made_predictions():
 def test_memorisation_flags_copies_not_new_images():
     rng = np.random.default_rng(1)
     train = torch.from_numpy(rng.random((60, 3, 8, 8))).float()
+    train[10] = train[11]  # an exact duplicate in the data must not pull the threshold to 0
     samples = torch.stack(
         [
             train[3].clone(),  # exact copy
@@ -141,9 +142,20 @@ def test_memorisation_flags_copies_not_new_images():
     assert m["is_near_copy"] == [True, True, False]
     assert m["nearest"][:2] == [3, 5] and m["distance"][0] == 0.0
     assert m["train_loo_nn_median"] > 1.0 and m["threshold"] > 0.5  # leave-one-out: never the image itself
+    assert m["train_duplicates"] == 2
     assert m["near_copies"] == 2 and m["near_copy_fraction"] == pytest.approx(2 / 3)
     loo, idx = ev.nearest_neighbours(train, train, exclude_self=True)
-    assert (idx != torch.arange(len(train))).all() and (loo > 0).all()
+    assert (idx != torch.arange(len(train))).all() and int((loo > 0).sum()) == 58
+    assert idx[10] == 11 and idx[11] == 10
+
+
+def test_pipeline_classes_map_to_classifier_classes_by_name(classifier_dir):
+    model, _ = load_classifier(classifier_dir[0])
+    pipe = types.SimpleNamespace(num_classes=3, class_name=lambda i: ["Food", "smileys", "dragons"][i])
+    assert ev.class_map(pipe, model) == {0: 2, 1: 0}  # "dragons" has no classifier class
+    unnamed = types.SimpleNamespace(num_classes=2, class_name=lambda i: None)
+    with pytest.raises(ValueError, match="match"):
+        ev.class_map(unnamed, model)
 
 
 # --------------------------------------------------------------------------- FID
@@ -230,6 +242,7 @@ def test_evaluate_cli_end_to_end(name, tiny_models_dir, colour_folder, classifie
 
     report = json.loads(out.read_text())
     assert report["num_samples"] == 8 and len(report["samples"]) == 8
+    assert [s["seed"] for s in report["samples"]] == list(range(8))  # one seed per image: reproducible alone
     assert report["settings"]["resolution"] == 8  # the tiny pipelines draw 8 px; the classifier reads 16 px
     acc = report["accuracy"]
     assert set(acc["per_class"]) == set(CLASSES) and acc["chance_top1"] == 0.25

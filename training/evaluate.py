@@ -153,13 +153,17 @@ def memorisation(
 
     A sample is a near-copy when its nearest training image is at most as far as the
     ``percentile``-th percentile of the training images' leave-one-out nearest-neighbour
-    distances: closer than all but the tightest pairs (near-duplicates, skin-tone variants)
-    that the data itself contains. ``train_loo`` can be passed to reuse a computation.
+    distances: closer than all but the tightest pairs (skin-tone variants, look-alike flags)
+    that the data itself contains. Exact duplicates in the training set (distance 0; the
+    emoji set has 25, e.g. two codepoints drawn alike) are left out of that percentile and
+    counted separately, or they would pull the threshold to 0 and only bit-exact copies
+    would count. ``train_loo`` can be passed to reuse a computation.
     """
     if train_loo is None:
         train_loo, _ = nearest_neighbours(train, train, exclude_self=True)
     dist, idx = nearest_neighbours(samples, train)
-    threshold = float(np.percentile(train_loo.numpy(), percentile))
+    spacing = train_loo[train_loo > 0]
+    threshold = float(np.percentile(spacing.numpy(), percentile)) if len(spacing) else 0.0
     near = (dist <= threshold).numpy()
     sample_median = float(dist.median()) if len(dist) else float("nan")
     train_median = float(train_loo.median())
@@ -169,6 +173,7 @@ def memorisation(
         "ratio": sample_median / train_median if train_median > 0 else float("nan"),
         "percentile": percentile,
         "threshold": threshold,
+        "train_duplicates": int((train_loo == 0).sum()),
         "near_copies": int(near.sum()),
         "near_copy_fraction": float(near.mean()) if len(near) else float("nan"),
         "is_near_copy": near.tolist(),
@@ -626,12 +631,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  {'overall':<26}{acc['n']:>5}{_pct(acc['top1']):>9}{_pct(acc['top3']):>9}")
     lines.append(f"  {'chance (uniform)':<26}{'':>5}{_pct(acc['chance_top1']):>9}{_pct(acc['chance_top3']):>9}")
     px, ft = report["memorisation"]["pixel"], report["memorisation"]["feature"]
+    pct_label = f"near-copy threshold (train {px['percentile']:g}th pct)"
     lines += [
         "",
         f"{'memorisation (nearest training image, L2)':<44}{'pixel':>10}{'feature':>10}",
         f"  {'median, samples':<42}{px['sample_nn_median']:>10.3f}{ft['sample_nn_median']:>10.3f}",
         f"  {'median, training leave-one-out':<42}{px['train_loo_nn_median']:>10.3f}{ft['train_loo_nn_median']:>10.3f}",
-        f"  {'near-copy threshold (train 1st pct)':<42}{px['threshold']:>10.3f}{ft['threshold']:>10.3f}",
+        f"  {pct_label:<42}{px['threshold']:>10.3f}{ft['threshold']:>10.3f}",
+        f"  {'training images with an exact duplicate':<42}{px['train_duplicates']:>10}{ft['train_duplicates']:>10}",
         f"  {'near copies (<= threshold)':<42}{_pct(px['near_copy_fraction']):>10}{_pct(ft['near_copy_fraction']):>10}",
         f"  (pixel L2 on [0, 1] RGB at {s['resolution']} px over {report['num_train_images']} training images; "
         "feature L2 on unit-normalised classifier features)",
