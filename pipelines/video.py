@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+import dit.models.vdt  # noqa: F401  (diffusers loads model_index components only from imported modules)
 from dit.video_masks import TASKS, default_num_given, default_stride, given_frames, task_mask
 
 from .base import DiTStudioPipeline, check_count, check_size, check_steps, make_generators

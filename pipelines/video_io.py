@@ -35,7 +35,7 @@ MAX_FRAME_PIXELS = 4096 * 4096
 DEFAULT_FPS = 8.0
 
 
-def _natural_key(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
@@ -121,7 +121,7 @@ def _read_folder(path: Path, max_frames: int, stride: int) -> tuple[list[Image.I
             for p in path.iterdir()
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         ),
-        key=lambda p: _natural_key(p.name),
+        key=lambda p: natural_key(p.name),
     )
     if not files:
         raise InputError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}).")
