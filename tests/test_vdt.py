@@ -113,8 +113,26 @@ def test_spatial_processor_gets_the_token_grid():
     model = tiny_vdt()
     for block in model.transformer_blocks:
         block.attn1.set_processor(Recording())
-    model(torch.randn(2, 3, 4, 8, 12), 10)
-    assert seen == [((8, 24, 16), (4, 4, 6))] * 2  # (B*T, h*w, D) and (T, h, w)
+    x = torch.randn(2, 3, 4, 8, 12)
+    model(x, 10)
+    assert seen == [((8, 24, 16), (1, 4, 6))] * 2  # per frame: (B*T, h*w, D), one frame's grid
+    seen.clear()
+    model.register_to_config(spatial_attention_scope="video")
+    model(x, 10)
+    assert seen == [((2, 96, 16), (4, 4, 6))] * 2  # the whole clip: (B, T*h*w, D), (T, h, w)
+
+
+def test_efficient_attention_variants_plug_into_the_spatial_attention():
+    attention = pytest.importorskip("dit.attention")
+    model, x = tiny_vdt(), torch.randn(1, 3, 4, 8, 8)
+    with torch.no_grad():
+        full = model(x, 10).sample
+        attention.set_attention(model, "window", window_size=4)  # a window the size of the frame = full attention
+        torch.testing.assert_close(model(x, 10).sample, full, atol=1e-5, rtol=1e-4)
+        attention.set_attention(model, "proxy", window_size=2)
+        assert model(x, 10).sample.shape == full.shape
+        model.register_to_config(spatial_attention_scope="video")  # proxies of every frame's windows
+        assert torch.isfinite(model(x, 10).sample).all()
 
 
 # ---------------------------------------------------------------------------------------------- masks

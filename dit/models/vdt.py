@@ -24,10 +24,17 @@ Differences from the original, none of which changes the math of a converted che
 * the time and 2D position tables are computed for any number of frames and grid (the original's are
   fixed-size parameters that must match ``num_frames`` and the square training grid).
 
-Attention processors: the spatial attention is ``attn1`` of ``DiTBlock`` and receives hidden states of shape
-``(B*T, h*w, D)``, the frames of one video consecutive (row ``b*T + t``). A processor that declares
-``needs_token_grid = True`` gets ``token_grid=(T, h, w)``, so it can regroup the rows into ``(B, T*h*w, D)``
-(e.g. proxy tokens per spatial-temporal window) or use ``token_grid[-2:]`` for per-frame windows.
+Attention processors (``dit.attention.set_attention``) go on the spatial attention, ``attn1`` of ``DiTBlock``.
+A processor that declares ``needs_token_grid = True`` gets the grid of exactly the tokens it sees:
+
+* ``spatial_attention_scope="frame"`` (default, VDT): ``attn1`` sees one frame, ``(B*T, h*w, D)`` with
+  ``token_grid=(1, h, w)``; window / proxy processors then work within each frame, a training-free stand-in for
+  the per-frame attention the model was trained with;
+* ``"video"``: ``attn1`` sees the whole clip, ``(B, T*h*w, D)`` with ``token_grid=(T, h, w)``. With window or
+  proxy processors that is PT-DiT's spatial-temporal windows (proxy tokens of every frame's windows attended
+  globally); with the default full attention it is joint space-time attention. It changes the model's math,
+  so it is for training, not for checkpoints trained per frame. The MLP and modulation are per token, so only
+  the attention differs between the two.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ class VDTBlock(DiTBlock):
     """``DiTBlock`` (spatial attention + MLP with adaLN-Zero) preceded by VDT's temporal attention branch.
 
     ``forward(x, cond, num_frames)`` takes ``x`` as ``(B*T, N, D)`` (frames of a video consecutive) and ``cond``
-    as ``(B*T, D)`` (the video's conditioning repeated per frame, which is the original's broadcast).
+    as ``(B, D)``, one modulation per video broadcast to its frames (the original's broadcast).
     """
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, mlp_ratio: float = 4.0):
@@ -100,9 +107,24 @@ class VDTBlock(DiTBlock):
         num_frames: int,
         attention_kwargs: dict[str, Any] | None = None,
         token_grid: tuple[int, ...] | None = None,
+        scope: str = "frame",
     ) -> torch.Tensor:
-        hidden_states = self.temporal(hidden_states, num_frames)
-        return super().forward(hidden_states, cond, attention_kwargs=attention_kwargs, token_grid=token_grid)
+        """``token_grid`` is the clip's ``(T, h, w)``; ``scope`` says what the spatial attention sees."""
+        x = self.temporal(hidden_states, num_frames)
+        bt, n, d = x.shape
+        grid = token_grid[-2:] if token_grid is not None else None
+        if scope == "video":
+            grid3 = (num_frames, *grid) if grid is not None else None
+            out = super().forward(
+                x.reshape(bt // num_frames, num_frames * n, d),
+                cond,
+                attention_kwargs=attention_kwargs,
+                token_grid=grid3,
+            )
+            return out.reshape(bt, n, d)
+        grid3 = (1, *grid) if grid is not None else None
+        cond = cond.repeat_interleave(num_frames, dim=0)
+        return super().forward(x, cond, attention_kwargs=attention_kwargs, token_grid=grid3)
 
 
 class VDTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -128,8 +150,11 @@ class VDTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         attention_head_dim: int = 72,
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
+        spatial_attention_scope: str = "frame",
     ):
         super().__init__()
+        if spatial_attention_scope not in ("frame", "video"):
+            raise ValueError(f"spatial_attention_scope must be 'frame' or 'video', got {spatial_attention_scope!r}")
         dim = num_attention_heads * attention_head_dim
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.gradient_checkpointing = False
@@ -196,15 +221,15 @@ class VDTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.pos_embed(frames)  # (B*T, N, D) with the 2D table
         n, d = x.shape[1], x.shape[2]
         x = (x.reshape(b, t, n, d) + self.time_embedding(t, x.device, x.dtype)[:, :, None]).reshape(b * t, n, d)
-        cond = self.timestep_embedder(timestep, dtype=x.dtype)
-        cond = cond.repeat_interleave(t, dim=0)  # the video's modulation, broadcast to its frames
+        cond = self.timestep_embedder(timestep, dtype=x.dtype)  # (B, D): one modulation per video
         token_grid = (t, *grid)
+        scope = self.config.spatial_attention_scope
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, cond, t, attention_kwargs, token_grid)
+                x = self._gradient_checkpointing_func(block, x, cond, t, attention_kwargs, token_grid, scope)
             else:
-                x = block(x, cond, t, attention_kwargs=attention_kwargs, token_grid=token_grid)
-        x = self.final_layer(x, cond)
+                x = block(x, cond, t, attention_kwargs=attention_kwargs, token_grid=token_grid, scope=scope)
+        x = self.final_layer(x, cond.repeat_interleave(t, dim=0))
         out = unpatchify(x, grid, p, self.out_channels)  # (B*T, C_out, H, W)
         out = out.reshape(b, t, self.out_channels, h, w).transpose(1, 2)
         if not return_dict:
