@@ -5,7 +5,7 @@ The action is the API endpoint ``/video``::
 
     client.predict(model="sprites-vdt", files=[handle_file("clip.mp4")], task="predict the next frames",
                    num_given=4, stride=2, frame_index=0, steps=25, seed=-1, scheduler="default",
-                   api_name="/video")  # -> (mp4 path, gif path, seed used, status, record)
+                   attention="sdpa", api_name="/video")  # -> (mp4 path, gif path, seed used, status, record)
 
 Generation runs on the shared ``GenerationService``'s model cache, under the model's lock (a pipeline object
 never serves two requests at once); the MP4, GIF and JSON record land in the service's output folder, which the
@@ -25,7 +25,7 @@ import gradio as gr
 from .errors import InputError, ModelLoadError
 from .metadata import GenerationRecord
 from .schedulers import scheduler_names
-from .service import MAX_SEED, MAX_STEPS, GenerationService
+from .service import MAX_SEED, MAX_STEPS, GenerationService, attention_variants
 from .ui_tabs import DEFAULT_SCHEDULER, TabContext, TabHandle, register_tab, session_of, user_error
 
 #: UI label -> task. The first is the default: the use the shipped model is made for.
@@ -78,6 +78,7 @@ def run_video(
     seed: int,
     scheduler: str | None,
     progress: Any = None,
+    attention: str | None = None,
 ) -> tuple[str | None, str | None, int, str, dict]:
     """Validate, generate one clip and save it; returns (mp4, gif, seed, status, record dict)."""
     if not isinstance(model, str) or model not in service.model_names("video"):
@@ -94,6 +95,10 @@ def run_video(
     sched = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
     if sched is not None and sched not in scheduler_names():
         raise InputError(f"Unknown scheduler {scheduler!r}. Choose one of: {', '.join(scheduler_names())}.")
+    variants = attention_variants()
+    attention = attention or variants[0]
+    if attention not in variants:
+        raise InputError(f"Unknown attention variant {attention!r}. Available: {', '.join(variants)}.")
     frames, _ = _read_upload(files)
     if frames is None and task != "unconditional":
         raise InputError(f"Upload a clip, frames or an image to {task_label}.")
@@ -102,28 +107,38 @@ def run_video(
     with _cancel_lock:
         _cancel[session] = cancel
     start = time.perf_counter()
-    lock = _model_lock(service, model)
-    with lock:
-        pipe = service.pipeline(model)
-        t = pipe.num_frames
-        kwargs: dict[str, Any] = dict(task=task, video=frames, num_inference_steps=steps, seed=seed, scheduler=sched)
-        if task in ("predict", "backward"):
-            kwargs["num_given"] = max(1, min(int(num_given), t - 1))
-        if task == "interpolate":
-            kwargs["stride"] = max(2, min(int(stride), t - 1))
-        if task == "animate":
-            kwargs["frame_index"] = max(0, min(int(frame_index), t - 1))
+    try:
+        with _model_lock(service, model):
+            pipe = service.pipeline(model)
+            if attention != pipe.attention_label():
+                from dit.attention import set_attention  # only reached when dit.attention offered the variant
 
-        def on_step(p: Any, i: int, ts: Any, tensors: dict) -> dict:
-            if progress is not None:
-                progress((i + 1, steps), desc="Sampling", unit="steps")
-            if cancel.is_set():
-                p.request_interrupt()
-            return {}
+                set_attention(pipe.transformer, attention)
+            t = pipe.num_frames
+            kwargs: dict[str, Any] = dict(task=task, video=frames, num_inference_steps=steps, seed=seed)
+            kwargs["scheduler"] = sched
+            if task in ("predict", "backward"):
+                kwargs["num_given"] = max(1, min(int(num_given), t - 1))
+            if task == "interpolate":
+                kwargs["stride"] = max(2, min(int(stride), t - 1))
+            if task == "animate":
+                kwargs["frame_index"] = max(0, min(int(frame_index), t - 1))
 
-        out = pipe(**kwargs, callback_on_step_end=on_step)
-    with _cancel_lock:
-        _cancel.pop(session, None)
+            def on_step(p: Any, i: int, ts: Any, tensors: dict) -> dict:
+                if progress is not None:
+                    progress((i + 1, steps), desc="Sampling", unit="steps")
+                if cancel.is_set():
+                    p.request_interrupt()
+                return {}
+
+            out = pipe(**kwargs, callback_on_step_end=on_step)
+    except ValueError as e:  # dit.attention's AttentionConfigError (e.g. a window larger than the frame)
+        if isinstance(e, InputError) or type(e).__name__ != "AttentionConfigError":
+            raise
+        raise InputError(str(e)) from None
+    finally:
+        with _cancel_lock:
+            _cancel.pop(session, None)
     if out.interrupted:
         return None, None, seed, "Stopped; nothing saved.", {}
     day = service.output_dir / time.strftime("%Y-%m-%d")
@@ -167,6 +182,8 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
                         [DEFAULT_SCHEDULER, *scheduler_names()], value=DEFAULT_SCHEDULER, label="Scheduler"
                     )
                     seed = gr.Number(-1, label="Seed", info="-1: random", precision=0, minimum=-1, maximum=MAX_SEED)
+                variants = attention_variants()
+                attention = gr.Dropdown(variants, value=variants[0], label="Spatial attention")
             gr.Markdown(
                 "Predict: the clip's **last** frames start the video. Before: its **first** frames end it. "
                 "Interpolate: a full clip (every n-th frame kept) or just the keyframes. Animate: the first "
@@ -190,6 +207,7 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
         steps: int,
         seed: int,
         scheduler: str,
+        attention: str,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks for a progress tracker)
     ) -> tuple:
@@ -208,13 +226,14 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
                 seed,
                 scheduler,
                 progress,
+                attention,
             )
         except (InputError, ModelLoadError) as e:
             raise user_error(e) from None
 
     run.click(
         generate,
-        [model, files, task, num_given, stride, frame_index, steps, seed, scheduler],
+        [model, files, task, num_given, stride, frame_index, steps, seed, scheduler, attention],
         [video, gif, seed_used, status, info],
         api_name="video",
         concurrency_id="generate",
