@@ -362,6 +362,8 @@ class VideoPipeline(DiTStudioPipeline):
         """Write each clip of ``output`` as ``<stem>-<i>.mp4/.gif/.json``; ``scale=0`` picks a display scale."""
         from .video_io import display_scale, save_video
 
+        if not isinstance(output.frames, list):
+            raise InputError("save() needs PIL frames: call the pipeline with output_type='pil' (the default).")
         written = []
         for i, (clip, record) in enumerate(zip(output.frames, output.records)):
             factor = scale or display_scale(clip[0].size)

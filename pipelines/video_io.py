@@ -72,6 +72,7 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
 def _read_ffmpeg(path: Path, max_frames: int, stride: int) -> tuple[list[Image.Image], float]:
     ffmpeg = _need_ffmpeg(f"Reading {path.suffix} files")
     frames: list[Image.Image] = []
+    reader = None
     try:
         reader = ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
@@ -84,11 +85,13 @@ def _read_ffmpeg(path: Path, max_frames: int, stride: int) -> tuple[list[Image.I
                 frames.append(Image.fromarray(arr.copy(), "RGB"))
                 if len(frames) >= max_frames:
                     break
-        reader.close()
     except InputError:
         raise
     except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as e:
         raise InputError(f"{path.name} could not be decoded as a video ({type(e).__name__}: {e}).") from None
+    finally:
+        if reader is not None:
+            reader.close()  # stops the ffmpeg process when we leave early
     return frames, fps / stride
 
 

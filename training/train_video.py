@@ -129,6 +129,8 @@ def load_video_config(path: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(f"masks.loss must be 'masked_mean' or 'official', got {config.masks.loss!r}")
     if config.masks.temporal_weights is not None and len(config.masks.temporal_weights) != len(TEMPORAL_TYPES):
         raise ConfigError(f"masks.temporal_weights needs {len(TEMPORAL_TYPES)} weights: {', '.join(TEMPORAL_TYPES)}")
+    if getattr(config.optim, "z_loss_weight", 0):
+        raise ConfigError("optim.z_loss_weight is not supported by training.train_video; leave it at 0")
     if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     return config
