@@ -5,6 +5,7 @@ The top-level names are import names so a saved ``model_index.json`` can say
 """
 
 from .models.dit import DIT_SIZES, DiTModel, dit_config
+from .models.pt_dit import PTDiTClassModel, PTDiTModel
 from .models.text_dit import TextDiTModel
 
-__all__ = ["DIT_SIZES", "DiTModel", "TextDiTModel", "dit_config"]
+__all__ = ["DIT_SIZES", "DiTModel", "PTDiTClassModel", "PTDiTModel", "TextDiTModel", "dit_config"]

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from dit.attention.grid import token_grid
+
 from .base import (
     DiTStudioPipeline,
     ImageGenerationOutput,
@@ -134,7 +136,9 @@ class ClassToImagePipeline(DiTStudioPipeline):
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             kwargs = {"attention_kwargs": attention_kwargs} if is_ours else {}
-            return self.transformer(x, timestep=t, class_labels=label_input, return_dict=False, **kwargs)[0]
+            # Window/proxy/agent attention processors read the token grid from here (stock models can't pass it).
+            with token_grid((x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size), timestep=t):
+                return self.transformer(x, timestep=t, class_labels=label_input, return_dict=False, **kwargs)[0]
 
         latents, interrupted = self.sample(
             latents,

@@ -15,6 +15,8 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
+from dit.attention.grid import token_grid
+
 from .base import (
     DiTStudioPipeline,
     ImageGenerationOutput,
@@ -186,15 +188,17 @@ class TextToImagePipeline(DiTStudioPipeline):
         latents = self.prepare_latents(shape, generator, sched, embeds.dtype, latents)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
-                x,
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=mask,
-                timestep=t,
-                added_cond_kwargs=added,
-                cross_attention_kwargs=cross_attention_kwargs,
-                return_dict=False,
-            )[0]
+            # Window/proxy/agent attention processors read the token grid from here (stock models can't pass it).
+            with token_grid((x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size), timestep=t):
+                return self.transformer(
+                    x,
+                    encoder_hidden_states=embeds,
+                    encoder_attention_mask=mask,
+                    timestep=t,
+                    added_cond_kwargs=added,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
 
         latents, interrupted = self.sample(
             latents,
