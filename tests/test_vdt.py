@@ -511,3 +511,23 @@ def test_video_tab_generates_and_saves(tmp_path):
             TabContext(service=service, kind="video", title="Video", models=["tiny-video"])
         )
     assert len(handle.fill_components) == 7
+
+
+def test_video_folder_dataset(tmp_path):
+    from pipelines.video_io import write_gif, write_mp4
+    from training.data.video import VideoFolderDataset
+
+    write_mp4(random_frames(6, size=16), tmp_path / "a.mp4", fps=4)
+    write_gif(random_frames(3, size=16, seed=2), tmp_path / "b.gif", fps=4)
+    (tmp_path / "c").mkdir()
+    for i, f in enumerate(random_frames(5, size=16, seed=3)):
+        f.save(tmp_path / "c" / f"{i:03d}.png")
+    ds = VideoFolderDataset(tmp_path, num_frames=2, resolution=8)
+    assert [(Path(c.source).name, c.start) for c in ds.clips] == [
+        ("a.mp4", 0), ("a.mp4", 2), ("a.mp4", 4), ("b.gif", 0), ("c", 0), ("c", 2)
+    ]  # fmt: skip
+    item = ds[5]["pixel_values"]
+    assert item.shape == (3, 2, 8, 8) and item.min() >= -1 and item.max() <= 1
+    assert VideoFolderDataset(tmp_path, num_frames=5, resolution=8).too_short == ["b.gif"]
+    with pytest.raises(ValueError, match="no clip of 7 frames"):
+        VideoFolderDataset(tmp_path, num_frames=7, resolution=8)
