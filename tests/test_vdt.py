@@ -531,3 +531,20 @@ def test_video_folder_dataset(tmp_path):
     assert VideoFolderDataset(tmp_path, num_frames=5, resolution=8).too_short == ["b.gif"]
     with pytest.raises(ValueError, match="no clip of 7 frames"):
         VideoFolderDataset(tmp_path, num_frames=7, resolution=8)
+
+
+def test_latent_model_with_a_vae_pastes_given_frames_back():
+    from tiny_models import tiny_vae
+
+    torch.manual_seed(0)
+    transformer = VDTModel(
+        sample_size=4, num_frames=4, patch_size=2, in_channels=4, num_layers=1, num_attention_heads=2,
+        attention_head_dim=8,
+    )  # fmt: skip
+    pipe = VideoPipeline(transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler(), vae=tiny_vae())
+    pipe.set_progress_bar_config(disable=True)
+    video = random_frames(4, seed=5)
+    out = pipe(task="predict", video=video, num_given=1, num_inference_steps=2, seed=0)
+    assert out.mask.shape == (4, 4, 4) and out.given == [0]
+    assert np.array_equal(np.asarray(out.frames[0][0]), np.asarray(video[3]))  # the clip's last frame starts it
+    assert out.frames[0][1].size == (8, 8)
