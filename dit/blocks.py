@@ -17,6 +17,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .modulation import AdaLNZero, modulate
+from .qk_norm import AcrossHeadsQKNormAttnProcessor
 
 
 class DiTBlock(nn.Module):
@@ -57,6 +58,8 @@ class DiTBlock(nn.Module):
             eps=1e-5 if across else 1e-6,
             out_bias=True,
         )
+        if across:
+            self.attn1.set_processor(AcrossHeadsQKNormAttnProcessor())
         self.attn2 = None
         if cross_attention_dim is not None:
             self.attn2 = Attention(

@@ -104,3 +104,29 @@ def test_empty_folder_is_a_clear_cli_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "empty" in proc.stderr
+
+
+@pytest.mark.parametrize("qk_norm", [None, "layer_norm", "layer_norm_across_heads"])
+def test_z_loss_processor_is_exact_attention_and_records_logsumexp(qk_norm):
+    import torch
+
+    from dit import TextDiTModel
+    from training.zloss import collect_z_loss, install_z_loss
+
+    torch.manual_seed(0)
+    model = TextDiTModel(
+        sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2, num_attention_heads=2,
+        attention_head_dim=8, caption_channels=8, qk_norm=qk_norm,
+    )  # fmt: skip
+    for p in model.parameters():  # leave the zero-initialised outputs: make attention matter
+        torch.nn.init.normal_(p, std=0.3)
+    x, e, t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8), torch.tensor([5, 700])
+    expected = model(x, e, t).sample
+    procs = install_z_loss(model)
+    assert len(procs) == 2
+    got = model(x, e, t).sample
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    z = collect_z_loss(procs)
+    assert z.item() > 0 and all(p.z is None for p in procs)
+    model(x, e, t).sample.sum().backward()  # gradients flow through the explicit path too
+    assert model.transformer_blocks[0].attn1.to_q.weight.grad is not None

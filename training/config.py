@@ -60,6 +60,7 @@ class OptimConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    z_loss_weight: float = 0.0  # attention-logit z-loss (training.zloss); 1e-4 is a typical weight
     ema_decay: float = 0.9999
     ema_warmup: bool = True
 

@@ -31,11 +31,14 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dit.td_norm import NO_DECAY_SUFFIXES
+
 from .build import build_pipeline, build_text_encoder, build_transformer, noise_scheduler
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config
 from .data.datasets import AspectRatioBucketSampler, collate_image_batch, open_image_folder
 from .validation import save_validation
+from .zloss import collect_z_loss, install_z_loss
 
 
 def use_cpu() -> bool:
@@ -66,7 +69,9 @@ def denoising_loss(
 
     Draws noise and timesteps, calls ``predict(x_t, t)`` (which may draw more randomness, e.g. caption dropout,
     *after* the noise: the order is part of exact resume), and compares the prediction with the target of
-    the scheduler's ``prediction_type``. Extra predicted channels (a learned-sigma half) are ignored.
+    the scheduler's ``prediction_type``. Extra predicted channels (a learned-sigma half) are ignored. A prediction
+    with a ``multi_scale_loss(target)`` method (multi-output backbones: ``dit.models.dimr.DiMROutput``) computes its
+    own loss, each branch against the target down-sampled to its resolution.
     """
     noise = torch.randn_like(x0)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -81,6 +86,8 @@ def denoising_loss(
         target = x0
     else:
         raise ValueError(f"prediction_type {kind!r} is not trainable here; use epsilon, v_prediction or sample.")
+    if hasattr(pred, "multi_scale_loss"):
+        return pred.multi_scale_loss(target)
     return F.mse_loss(pred.float()[:, : target.shape[1]], target.float())
 
 
@@ -123,6 +130,8 @@ class Trainer:
             self.transformer = build_transformer(config, num_classes)
         if opt.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if opt.z_loss_weight > 0:
+            self.z_loss_processors = install_z_loss(self.transformer)
         train_text = self.text_encoder is not None and config.text_encoder.train
         self.train_text = train_text
         self.text_max_length = config.text_encoder.max_length
@@ -131,8 +140,16 @@ class Trainer:
         params = list(self.transformer.parameters()) + (list(self.text_encoder.parameters()) if train_text else [])
         self.ema_params = params
         self.ema = EMAModel(params, decay=opt.ema_decay, use_ema_warmup=opt.ema_warmup)
+        # DiMR's time-dependent norms: their sigmoid's ``nodecay_*`` parameters get no weight decay (official).
+        no_decay = {id(p) for n, p in self.transformer.named_parameters() if n.endswith(NO_DECAY_SUFFIXES)}
+        groups: Any = params
+        if no_decay:
+            groups = [
+                {"params": [p for p in params if id(p) not in no_decay]},
+                {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+            ]
         self.optimizer = torch.optim.AdamW(
-            params, lr=opt.learning_rate, weight_decay=opt.weight_decay, betas=tuple(opt.betas)
+            groups, lr=opt.learning_rate, weight_decay=opt.weight_decay, betas=tuple(opt.betas)
         )
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup",
@@ -201,14 +218,19 @@ class Trainer:
         """The clean sample x0 of a batch: the pixels themselves for our pixel-space models."""
         return batch["pixel_values"].to(self.accelerator.device)
 
-    def predict(self, xt: torch.Tensor, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def predict(self, xt: torch.Tensor, t: torch.Tensor, batch: dict[str, Any]) -> Any:
         if self.config.kind == "text-to-image":
             emb, mask = self.encode_text(list(batch["text"]))
-            return self.transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t).sample
-        return self.transformer(xt, t, batch["label"].to(self.accelerator.device)).sample
+            out = self.transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t)
+        else:
+            out = self.transformer(xt, t, batch["label"].to(self.accelerator.device))
+        return out if hasattr(out, "multi_scale_loss") else out.sample  # multi-output models keep every branch
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return denoising_loss(self.noise, self.latents(batch), lambda xt, t: self.predict(xt, t, batch))
+        loss = denoising_loss(self.noise, self.latents(batch), lambda xt, t: self.predict(xt, t, batch))
+        if getattr(self, "z_loss_processors", None):
+            loss = loss + self.config.optim.z_loss_weight * collect_z_loss(self.z_loss_processors)
+        return loss
 
     # ---- the run ------------------------------------------------------------------------------------
     def resume(self, resume: str | None) -> None:

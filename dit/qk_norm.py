@@ -1,0 +1,36 @@
+"""SDPA self-attention with PixArt-Σ's qk-norm: one LayerNorm over all heads, applied before the head split.
+
+diffusers' ``AttnProcessor2_0`` applies ``norm_q``/``norm_k`` after splitting heads, which only fits per-head
+norms; with ``qk_norm="layer_norm_across_heads"`` it fails. Our blocks use this processor in that case.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+class AcrossHeadsQKNormAttnProcessor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, tokens, _ = hidden_states.shape
+        q = attn.norm_q(attn.to_q(hidden_states))
+        k = attn.norm_k(attn.to_k(context))
+        v = attn.to_v(context)
+        q, k, v = (x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (q, k, v))
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
