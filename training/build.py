@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
+import dit
 from dit import DiTModel, TextDiTModel
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def noise_scheduler(config: TrainConfig) -> DDPMScheduler:
@@ -29,22 +31,40 @@ def sampling_scheduler(config: TrainConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler.from_config(noise_scheduler(config).config)
 
 
+def backbone_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
+    """The backbone class and its kwargs: ``model.backbone`` names a class exported by ``dit`` (e.g. ``DiMRModel``);
+    without it, ``TextDiTModel`` for text-to-image and ``DiTModel`` for class-to-image."""
+    model = dict(config.model)
+    name = model.pop("backbone", None)
+    if name is None:
+        return (TextDiTModel if config.kind == "text-to-image" else DiTModel), model
+    cls = getattr(dit, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        known = sorted(n for n in dir(dit) if n.endswith("Model") and isinstance(getattr(dit, n), type))
+        raise ConfigError(f"model.backbone {name!r} is not a backbone exported by dit; known: {', '.join(known)}")
+    return cls, model
+
+
 def build_transformer(config: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
+    cls, model = backbone_class(config)
     kwargs: dict[str, Any] = {"sample_size": config.data.resolution, "in_channels": 3}
     if config.kind == "text-to-image":
-        kwargs.update(out_channels=3, caption_channels=config.text_encoder.d_model)
-        kwargs.update(config.model)
-        return TextDiTModel(**kwargs)
-    kwargs.update(learn_sigma=False)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    kwargs.update(config.model)
+        kwargs.update(out_channels=3, caption_channels=config.text_encoder.d_model, num_classes=None)
+    else:
+        kwargs.update(learn_sigma=False)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+    # The defaults above go only where the class takes them (a text model has no classes, DiMR no learned sigma);
+    # the config's own keys are passed as written, so a typo still fails loudly.
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    kwargs.update(model)
     if kwargs.get("learn_sigma"):
         raise ValueError(
             "model.learn_sigma: true needs DiT's hybrid MSE+VLB loss, which training/ does not implement; "
             "set learn_sigma: false (sampling with converted learned-sigma checkpoints works)."
         )
-    return DiTModel(**kwargs)
+    return cls(**kwargs)
 
 
 def build_text_encoder(config: TrainConfig, captions: list[str]) -> tuple[Any, Any]:
