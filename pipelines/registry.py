@@ -24,6 +24,7 @@ BUILTIN: list[PipelineSpec] = [
     PipelineSpec("TextToImagePipeline", "text-to-image", "pipelines.text_to_image:TextToImagePipeline"),
     PipelineSpec("ClassToImagePipeline", "class-to-image", "pipelines.class_to_image:ClassToImagePipeline"),
     PipelineSpec("VideoPipeline", "video", "pipelines.video:VideoPipeline"),
+    PipelineSpec("ControlTextToImagePipeline", "control", "pipelines.control:ControlTextToImagePipeline"),
     PipelineSpec("PixArtAlphaPipeline", "text-to-image", None, stock=True),
     PipelineSpec("PixArtSigmaPipeline", "text-to-image", None, stock=True),
     PipelineSpec("DiTPipeline", "class-to-image", None, stock=True),
