@@ -243,6 +243,23 @@ def test_class_pipeline_samples_the_finest_branch(tmp_path):
     np.testing.assert_array_equal(out.images, again.images)
 
 
+def test_attention_variants_keep_dimr_on_its_own_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from dit.attention import AttentionConfigError, set_attention
+    from dit.models.dimr import DiMRAttnProcessor
+
+    model = randomize_td(tiny_dimr()).eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    expected = model(x, 50, y).sample
+    with pytest.raises(AttentionConfigError, match="sdpa"):
+        set_attention(model, "window[window_size=2]")
+    model.set_attn_processor(AttnProcessor2_0())  # stock SDPA is the same attention for a class-conditional DiMR
+    torch.testing.assert_close(model(x, 50, y).sample, expected, rtol=1e-5, atol=1e-5)
+    assert set_attention(model, "sdpa") == "sdpa"
+    assert all(isinstance(p, DiMRAttnProcessor) for p in model.attn_processors.values())
+
+
 def test_text_conditioned_dimr_attends_to_the_prompt():
     from tiny_models import tiny_t5, tiny_tokenizer
 

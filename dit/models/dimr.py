@@ -375,6 +375,11 @@ class DiMRModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiMRTransformerBlock", "DiMRConvNeXtBlock"]
+    # ``dit.attention.set_attention`` keeps models with ``native_attention`` on their own processors: the
+    # window/proxy/agent variants need a bare token grid, and DiMR's sequence has a class token in front (or text
+    # keys/values appended), so only "sdpa" (``DiMRAttnProcessor``) applies.
+    native_attention = True
+    attention_variant = "sdpa"
 
     @register_to_config
     def __init__(
@@ -479,6 +484,11 @@ class DiMRModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def reset_attention(self) -> None:
+        """Put DiMR's own processor back on every attention module (``set_attention(model, "sdpa")``)."""
+        self.set_attn_processor(DiMRAttnProcessor())
+        self.attention_variant = "sdpa"
 
     def time_condition(self, timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
         """DDPM timestep(s) -> τ of shape (B,) or (1,) (``dit.td_norm.timestep_to_tau``)."""
