@@ -6,7 +6,9 @@
 
 Each (variant, tokens) cell runs in a fresh process: build one block, one warm-up forward (its peak memory is
 recorded: peak RSS growth on CPU, peak CUDA allocation on a GPU), then the median of ``--repeats`` timed forwards
-under ``torch.no_grad`` at batch 1 on a square grid. Variants:
+under ``torch.no_grad`` at batch 1 on a square grid. With one CPU thread (``OMP_NUM_THREADS=1``) the time is the
+process's CPU time, i.e. the latency on an idle core even when the machine is shared; otherwise wall-clock.
+Variants:
 
   full            DiT block, full softmax attention (SDPA)
   window          the same block, 8x8 window attention
@@ -156,12 +158,22 @@ def measure(variant: str, n: int, width: int, heads: int, device: str, repeats: 
         base = _rss_kb()
         run()
         peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    # Single-threaded on a CPU, the process's CPU time is the latency on an idle core, which stays meaningful on a
+    # machine shared with other jobs; otherwise wall-clock time.
+    cpu_clock = not device.startswith("cuda") and torch.get_num_threads() == 1
+    clock = time.process_time if cpu_clock else time.perf_counter
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
-    return {"variant": variant, "tokens": n, "ms": 1000 * statistics.median(times), "peak_mb": peak_mb}
+        times.append(clock() - start)
+    return {
+        "variant": variant,
+        "tokens": n,
+        "ms": 1000 * statistics.median(times),
+        "peak_mb": peak_mb,
+        "clock": "cpu" if cpu_clock else "wall",
+    }
 
 
 def run_cell(variant: str, n: int, args: argparse.Namespace) -> dict:
@@ -197,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = [run_cell(v, n, args) for n in args.tokens for v in args.variants]
     by = {(r["variant"], r["tokens"]): r for r in results}
-    print(
-        f"\nMeasured per block on {args.device}, width {args.width}, {args.heads} heads, batch 1 (median ms | peak MB)"
-    )
+    clock = next((r["clock"] for r in results if "clock" in r), "wall")
+    what = "CPU time of one thread" if clock == "cpu" else "wall-clock"
+    print(f"\nMeasured per block on {args.device}, width {args.width}, {args.heads} heads, batch 1")
+    print(f"(median {what} in ms | peak memory growth in MB)")
     print(f"{'tokens':>8} " + " ".join(f"{v:>19}" for v in args.variants))
     for n in args.tokens:
         cells = []

@@ -173,6 +173,18 @@ def test_agent_attention_gradients_reach_every_parameter():
     assert {n.split(".")[0] for n, _ in attn.named_parameters()} >= {"processor"}  # saved with the model
 
 
+def test_agent_bias_cache_follows_the_parameters():
+    attn, x = make_attn(), tokens((6, 5))
+    proc = AgentAttnProcessor(3, 24, grid_size=(6, 5), agent_num=4).double()
+    attn.set_processor(proc)
+    with torch.no_grad():
+        first = attn(x, token_grid=(6, 5))
+        proc.ah_bias.add_(1.0)  # an optimiser step or load_state_dict writes in place
+        proc.an_bias.mul_(3.0)
+        close(attn(x, token_grid=(6, 5)), ref.agent_attention_reference(attn, proc, x, (6, 5)))
+        assert not torch.allclose(attn(x, token_grid=(6, 5)), first)
+
+
 @pytest.mark.parametrize("grid", [(6, 5), (8, 8), (5, 7)])
 @pytest.mark.parametrize("ratio,agent_ratio", [(0.4, 0.8), (0.5, 0.95), (0.3, 0.5), (0.0, 0.8)])
 @pytest.mark.parametrize("use_rand", [False, True])

@@ -133,9 +133,23 @@ class AgentAttnProcessor(nn.Module):
         for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
             nn.init.trunc_normal_(p, std=0.02)
         self.dwc = nn.Conv2d(inner_dim, inner_dim, dwc_kernel, padding=dwc_kernel // 2, groups=inner_dim)
+        self._bias_cache: tuple | None = None
 
     def biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(agent->token bias (1, heads, n_a, N), token->agent bias (1, heads, N, n_a)) for an h x w grid."""
+        """(agent->token bias (1, heads, n_a, N), token->agent bias (1, heads, N, n_a)) for an h x w grid.
+
+        Without autograd (sampling) the result is cached per grid until a parameter changes in place (an optimiser
+        step bumps its version), so a 50-step generation resizes the biases once, not 50 times per layer.
+        """
+        if torch.is_grad_enabled():
+            return self._biases(h, w)
+        params = (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias)
+        key = (h, w, self.an_bias.device, self.an_bias.dtype, tuple((p.data_ptr(), p._version) for p in params))
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, self._biases(h, w))
+        return self._bias_cache[1]
+
+    def _biases(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         heads, n_a = self.an_bias.shape[:2]
         b1 = F.interpolate(self.an_bias, size=(h, w), mode="bilinear").reshape(1, heads, n_a, h * w)
         b1 = b1 + (_resize_axis(self.ah_bias, 3, h) + _resize_axis(self.aw_bias, 4, w)).reshape(1, heads, n_a, h * w)
@@ -146,9 +160,10 @@ class AgentAttnProcessor(nn.Module):
     def agents(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Adaptive average pooling of the queries on the grid: (B, heads, N, d) -> (B, heads, n_a, d)."""
         b, heads, n, d = q.shape
-        grid = q.permute(0, 1, 3, 2).reshape(b, heads * d, h, w)
-        pooled = F.adaptive_avg_pool2d(grid, self.pool)
-        return pooled.reshape(b, heads, d, -1).permute(0, 1, 3, 2)
+        # (B, N, C) viewed as a channels-last image: no copy of the queries (they come as a transposed view).
+        grid = q.transpose(1, 2).reshape(b, h, w, heads * d).permute(0, 3, 1, 2)
+        pooled = F.adaptive_avg_pool2d(grid, self.pool)  # (B, C, ph, pw)
+        return pooled.permute(0, 2, 3, 1).reshape(b, -1, heads, d).transpose(1, 2)
 
     def __call__(  # diffusers inspects __call__'s signature to pass token_grid (as its IP-adapter modules do)
         self,
@@ -172,8 +187,9 @@ class AgentAttnProcessor(nn.Module):
         agent_v = F.scaled_dot_product_attention(a, k, v, attn_mask=b1.to(q.dtype), scale=scale)
         out = F.scaled_dot_product_attention(q, a, agent_v, attn_mask=b2.to(q.dtype), scale=scale)
         out = merge_heads(out)
-        v_grid = merge_heads(v).transpose(1, 2).reshape(v.shape[0], -1, h, w)
-        out = out + self.dwc(v_grid).flatten(2).transpose(1, 2)
+        b, n, c = out.shape
+        v_grid = merge_heads(v).reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view, no copy
+        out = out + self.dwc(v_grid).permute(0, 2, 3, 1).reshape(b, n, c)
         return project_out(attn, out, hidden_states)
 
 
