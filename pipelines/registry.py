@@ -28,6 +28,7 @@ BUILTIN: list[PipelineSpec] = [
     PipelineSpec("PixArtAlphaPipeline", "text-to-image", None, stock=True),
     PipelineSpec("PixArtSigmaPipeline", "text-to-image", None, stock=True),
     PipelineSpec("DiTPipeline", "class-to-image", None, stock=True),
+    PipelineSpec("VARPipeline", "class-to-image", "pipelines.var:VARPipeline"),
 ]
 
 _REGISTRY: dict[str, PipelineSpec] = {spec.class_name: spec for spec in BUILTIN}
