@@ -23,6 +23,7 @@ class PipelineSpec:
 BUILTIN: list[PipelineSpec] = [
     PipelineSpec("TextToImagePipeline", "text-to-image", "pipelines.text_to_image:TextToImagePipeline"),
     PipelineSpec("ClassToImagePipeline", "class-to-image", "pipelines.class_to_image:ClassToImagePipeline"),
+    PipelineSpec("PointCloudPipeline", "point-cloud", "pipelines.point_cloud:PointCloudPipeline"),
     PipelineSpec("VideoPipeline", "video", "pipelines.video:VideoPipeline"),
     PipelineSpec("ControlTextToImagePipeline", "control", "pipelines.control:ControlTextToImagePipeline"),
     PipelineSpec("PixArtAlphaPipeline", "text-to-image", None, stock=True),
