@@ -31,6 +31,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader
 from dit.models.vdt import VDTModel, vdt_config
 from dit.video_masks import TEMPORAL_TYPES, VideoMaskGenerator, apply_mask
 
-from .build import noise_scheduler, sampling_scheduler
+from .build import noise_scheduler
 from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, _build
 from .data.datasets import AspectRatioBucketSampler
 from .data.video import MovingSpritesDataset, VideoFolderDataset, collate_video_batch
@@ -147,6 +148,14 @@ def build_video_transformer(config: VideoTrainConfig) -> VDTModel:
     if kwargs.get("learn_sigma"):
         raise ValueError("model.learn_sigma: true needs the hybrid MSE+VLB loss, which training/ does not implement")
     return VDTModel(**kwargs)
+
+
+def video_sampling_scheduler(config: VideoTrainConfig) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++(2M) over the training schedule, clipping the predicted x0 to the data range [-1, 1] at every
+    step (diffusers' ``thresholding`` with ``sample_max_value=1``), as VDT's sampler does (``clip_denoised=True``).
+    Pixel-space models only: a latent model's range is not [-1, 1]."""
+    base = noise_scheduler(config)  # type: ignore[arg-type]  # reads config.noise only
+    return DPMSolverMultistepScheduler.from_config(base.config, thresholding=True, sample_max_value=1.0)
 
 
 def open_video_dataset(config: VideoTrainConfig, split: str = "train", seed: int | None = None) -> Any:
@@ -288,9 +297,7 @@ class VideoTrainer(Trainer):
         transformer = copy.deepcopy(self.accelerator.unwrap_model(self.transformer)).float().eval()
         self.ema.copy_to(list(transformer.parameters()))
         pipe = VideoPipeline(
-            transformer=transformer,
-            scheduler=sampling_scheduler(self.config),  # type: ignore[arg-type]
-            fps=self.config.fps,
+            transformer=transformer, scheduler=video_sampling_scheduler(self.config), fps=self.config.fps
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
