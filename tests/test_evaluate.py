@@ -247,6 +247,7 @@ def test_evaluate_cli_end_to_end(name, tiny_models_dir, colour_folder, classifie
     acc = report["accuracy"]
     assert set(acc["per_class"]) == set(CLASSES) and acc["chance_top1"] == 0.25
     assert acc["top1"] == pytest.approx(np.mean([s["target"] == s["predicted"] for s in report["samples"]]))
+    assert acc["predicted_counts"] == {c: [s["predicted"] for s in report["samples"]].count(c) for c in CLASSES}
     for kind in ("pixel", "feature"):
         m = report["memorisation"][kind]
         assert m["train_loo_nn_median"] > 0 and 0 <= m["near_copy_fraction"] <= 1

@@ -577,7 +577,9 @@ def evaluate(
     for m in (mem_px, mem_ft):
         for key in ("is_near_copy", "distance", "nearest"):
             m.pop(key)
-    acc.pop("predicted")
+    predicted = acc.pop("predicted")
+    # what the classifier saw, whatever was asked: a generator that collapses onto one look shows up here
+    acc["predicted_counts"] = {name: predicted.count(c) for c, name in enumerate(clf_names)}
     real_val = (clf_metrics.get("val") or {}) if clf_metrics else {}
     return {
         "pipeline": str(pipeline) if isinstance(pipeline, (str, Path)) else type(pipeline).__name__,
@@ -631,7 +633,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  {'overall':<26}{acc['n']:>5}{_pct(acc['top1']):>9}{_pct(acc['top3']):>9}")
     lines.append(f"  {'chance (uniform)':<26}{'':>5}{_pct(acc['chance_top1']):>9}{_pct(acc['chance_top3']):>9}")
     px, ft = report["memorisation"]["pixel"], report["memorisation"]["feature"]
-    pct_label = f"near-copy threshold (train {px['percentile']:g}th pct)"
+    pct_label = f"near-copy threshold (train p{px['percentile']:g} of LOO)"
     lines += [
         "",
         f"{'memorisation (nearest training image, L2)':<44}{'pixel':>10}{'feature':>10}",
