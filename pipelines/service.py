@@ -621,7 +621,10 @@ class GenerationService:
             from dit.attention import set_attention  # type: ignore[import-not-found]
         except ImportError:
             raise InputError(f"Attention variant {variant!r} cannot be set on this model yet.") from None
-        set_attention(pipe.transformer, variant)
+        try:
+            set_attention(pipe.transformer, variant)
+        except ValueError as e:  # dit.attention.AttentionConfigError: the message names the fix
+            raise InputError(str(e)) from None
 
     @contextlib.contextmanager
     def _lora(self, pipe: Any, req: GenerationRequest) -> Iterator[None]:

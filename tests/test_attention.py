@@ -386,6 +386,13 @@ def test_pt_dit_models_train_generate_and_reload(tmp_path):
     assert type(again.transformer).__name__ == "PTDiTModel"
     assert abs(again(**args).images - out.images).max() < 1e-6
 
+    from pipelines import Catalog, InputError
+    from pipelines.service import GenerationRequest, GenerationService
+
+    service = GenerationService(Catalog(roots=[tmp_path]), tmp_path / "out")
+    with pytest.raises(InputError, match="own window/proxy attention"):  # shown as is in the UI
+        service.submit(GenerationRequest("pt", prompt="a red cat", steps=1, attention="agentsd")).wait(60)
+
     cls_model = _perturb(
         PTDiTClassModel(
             sample_size=8, patch_size=2, in_channels=3, num_layers=1, num_attention_heads=2, attention_head_dim=8,

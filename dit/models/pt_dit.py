@@ -145,7 +145,8 @@ class PTDiTBlock(DiTBlock):
 def _init_pt_blocks(blocks: nn.ModuleList) -> None:
     """After the base model's init (Xavier everywhere): fused-qkv init for the extra self-attentions, the
     official zero-initialised output projections, and the zero adaLN of the class variant's shift branch."""
-    for block in blocks:
+    for index, block in enumerate(blocks):
+        block.proxy.layer_index = index  # random proxies: a different draw per layer (and per step)
         fused_qkv_xavier_init(block.proxy.proxy_attn1)
         nn.init.zeros_(block.proxy.linear_1_visual.weight)
         nn.init.zeros_(block.proxy.linear_1_visual.bias)
