@@ -45,6 +45,17 @@ def read_model_index(path: Path) -> dict:
     return data
 
 
+def _ordered_children(root: Path) -> list[Path]:
+    """A root's model folders, those named in its ``ORDER`` file first (the UI preselects the first of a kind)."""
+    children = sorted(p for p in root.iterdir() if p.is_dir())
+    order_file = root / "ORDER"
+    if not order_file.is_file():
+        return children
+    wanted = [ln.strip() for ln in order_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    rank = {name: i for i, name in enumerate(wanted)}
+    return sorted(children, key=lambda p: (rank.get(p.name, len(rank)), p.name))
+
+
 class Catalog:
     """Named models available to the app. ``extra_paths`` are directories given by the operator."""
 
@@ -52,7 +63,7 @@ class Catalog:
         self.entries: dict[str, CatalogEntry] = {}
         for root in roots if roots is not None else [ASSETS_MODELS]:
             if Path(root).is_dir():
-                for child in sorted(Path(root).iterdir()):
+                for child in _ordered_children(Path(root)):
                     if (child / "model_index.json").is_file():
                         self._add(child.name, child)
         for path in extra_paths or []:
