@@ -280,7 +280,7 @@ class VARPipeline(DiTStudioPipeline):
                 else:
                     prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
                     mask = block_causal_mask(self.patch_nums[: si + 1], device, prefix.dtype)
-                    logits = model.logits(prefix, cond, mask)[:, -pn * pn :]
+                    logits = model.logits(prefix, cond, mask, last=pn * pn)
                 ratio = si / k_last if k_last else 0.0
                 if do_cfg:
                     t = cfg * ratio

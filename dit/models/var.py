@@ -340,11 +340,13 @@ class VARTransformer(ModelMixin, ConfigMixin):
         cond: torch.Tensor,
         attn_bias: torch.Tensor | None = None,
         kv_cache: VARKVCache | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
         """Run the blocks and the head on ``tokens`` (B, n, C); ``cond`` is the class embedding (B, C).
 
         Training / uncached sampling pass the whole prefix with ``block_causal_mask``; cached sampling passes
         one scale's tokens and a ``VARKVCache`` (no mask: a scale may see all cached scales and itself).
+        ``last``: only the last ``last`` positions go through the head (uncached sampling needs one scale).
         """
         block_cond = self.block_condition(cond)
         x = tokens
@@ -353,6 +355,8 @@ class VARTransformer(ModelMixin, ConfigMixin):
                 x = self._gradient_checkpointing_func(block, x, block_cond, attn_bias, None, i)
             else:
                 x = block(x, block_cond, attn_bias, kv_cache, i)
+        if last is not None:
+            x = x[:, -last:]
         # VAR computes the head in float32; weights in half precision get their own dtype back.
         dtype = self.head.weight.dtype
         scale, shift = self.head_adaln(cond.to(dtype))
