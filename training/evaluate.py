@@ -406,6 +406,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _fit_lines(text: str, font: Any, width: float, max_lines: int) -> list[str]:
+    """Word-wrap ``text`` to ``width`` pixels in ``font``, at most ``max_lines``, ending in "..." when cut.
+
+    Measured in pixels rather than characters, and never splitting a word, so "blueberries"
+    is not printed as "blueberrie / s" under a 64 px tile.
+    """
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    cut = len(lines) > max_lines
+    lines = lines[:max_lines]
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if font.getlength(line) <= width and not (last and cut):
+            continue
+        while line and font.getlength(line + "...") > width:
+            line = line[:-1]
+        lines[i] = line.rstrip(" ,") + "..."
+    return lines
+
+
 def save_grid(
     rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str] | None]],
     path: str | Path,
@@ -437,7 +461,7 @@ def save_grid(
             arr = (np.clip(np.asarray(img), 0, 1) * 255).round().astype(np.uint8)
             canvas.paste(Image.fromarray(arr).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
             if captions and c < len(captions):
-                for j, line in enumerate(textwrap.wrap(captions[c], max(4, tile // 6))[:2]):
+                for j, line in enumerate(_fit_lines(captions[c], small, tile, 2)):
                     draw.text((x, y + tile + 1 + 12 * j), line, fill="dimgray", font=small)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
