@@ -422,20 +422,20 @@ def test_video_writer_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------- data/train/eval
 
 
-def test_sprites_are_deterministic_and_splits_disjoint():
+def test_sprites_are_deterministic_and_splits_disjoint(emoji_folder):
     from training.data.video import MovingSpritesDataset, load_sprites
 
     ds = MovingSpritesDataset(
-        num_clips=4, num_frames=5, resolution=24, sprite_size=(8, 10), sprites=load_sprites("data/emoji", limit=20)
+        num_clips=4, num_frames=5, resolution=24, sprite_size=(8, 10), sprites=load_sprites(emoji_folder, limit=20)
     )
     a, b = ds[2]["pixel_values"], ds[2]["pixel_values"]
     assert a.shape == (3, 5, 24, 24) and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
     assert not torch.equal(a[:, 0], a[:, 4])  # it moves
-    train, test = load_sprites("data/emoji", "train", limit=30), load_sprites("data/emoji", "test", limit=3)
+    train, test = load_sprites(emoji_folder, "train", limit=30), load_sprites(emoji_folder, "test", limit=3)
     assert {im.tobytes() for im in train}.isdisjoint({im.tobytes() for im in test})
 
 
-def test_training_resumes_exactly_and_saves_a_pipeline(tmp_path):
+def test_training_resumes_exactly_and_saves_a_pipeline(tmp_path, emoji_folder):
     from training.train_video import VideoTrainer, load_video_config
 
     def config(out, steps):
@@ -443,6 +443,7 @@ def test_training_resumes_exactly_and_saves_a_pipeline(tmp_path):
             "training/configs/sprites-vdt.yaml",
             [
                 f"output_dir={out}",
+                f"data.root={emoji_folder}",
                 f"optim.max_steps={steps}",
                 "optim.batch_size=2",
                 "checkpoint.every=2",
