@@ -12,7 +12,12 @@ diffusers PixArt/DiT directory is used as it is; other models of ours run as the
 For every variant and option set, each prompt x seed image is generated with the variant and compared with the
 full-attention image of the same prompt and seed: PSNR (dB, on [0, 1] pixels) and SSIM (Wang et al. 2004,
 11x11 Gaussian window, sigma 1.5, per channel, averaged). Time is the whole pipeline call relative to full
-attention (small models at small sizes are dominated by everything but attention).
+attention (single-thread CPU time; small models at small sizes are dominated by everything but attention).
+
+Because a whole sampling run can land on a different mode after a small change, the table also gives the
+one-step error: the relative L2 error of the transformer's prediction against full attention's, on the
+full-attention images noised to t = 900, 700, 500, 300, 100 (fixed noise), which isolates the attention
+approximation from the sampler.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def sweep(grid_side: int) -> list[str]:
     for s in cells:
         for ratio in (0.1, 0.25, 0.4, 0.5):
             out.append(f"agentsd[ratio={ratio},agent_ratio=0.95,sx={s},sy={s}]")
+    for ratio in (0.1, 0.4):  # agent_ratio 0: agents never fewer than half the tokens -> ToMe alone, for contrast
+        out.append(f"agentsd[ratio={ratio},agent_ratio=0,sx={cells[0]},sy={cells[0]}]")
     return out
 
 
@@ -120,8 +127,55 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
+def prediction_inputs(pipe, conditions: list, images: list, size: int) -> list[tuple]:  # noqa: ANN001
+    """(x_t, t, condition kwargs) triples: the full-attention images noised to five timesteps (fixed noise)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # q(x_t | x_0) of the model's training schedule
+    gen = torch.Generator().manual_seed(1234)
+    items = []
+    per_cond = len(images) // len(conditions)
+    for i, img in enumerate(images):
+        x0 = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() * 2 - 1
+        if getattr(pipe, "vae", None) is not None:
+            x0 = pipe.vae.encode(x0.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        cond = conditions[i // per_cond]
+        if isinstance(cond, str):
+            embeds, mask, _, _ = pipe.encode_prompt([cond], None, 1, pipe.config.max_sequence_length)
+            kwargs = dict(
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=mask,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            )
+        else:
+            kwargs = dict(class_labels=torch.tensor([cond]))
+        for t in (900, 700, 500, 300, 100):
+            noise = torch.randn(x0.shape, generator=gen)
+            xt = sched.add_noise(x0, noise, torch.tensor([t]))
+            items.append((xt, torch.tensor([t]), kwargs))
+    return items
+
+
+def prediction_error(pipe, items: list[tuple], reference: list) -> tuple[float, list]:  # noqa: ANN001
+    """Mean relative L2 error of the transformer's output against ``reference`` (None: compute the reference)."""
+    import torch
+
+    from dit.attention import token_grid
+
+    outs, errs = [], []
+    for j, (xt, t, kwargs) in enumerate(items):
+        grid = (xt.shape[-2] // pipe.patch_size, xt.shape[-1] // pipe.patch_size)
+        with token_grid(grid, timestep=t):
+            out = pipe.transformer(xt, timestep=t, return_dict=False, **kwargs)[0][:, : xt.shape[1]]
+        outs.append(out)
+        if reference is not None:
+            errs.append(float(torch.linalg.vector_norm(out - reference[j]) / torch.linalg.vector_norm(reference[j])))
+    return (statistics.mean(errs) if errs else 0.0), outs
+
+
 def generate(pipe, conditions: list, seeds: list[int], size: int, steps: int, guidance: float) -> tuple:  # noqa: ANN001
-    images, start = [], time.perf_counter()
+    images, start = [], time.process_time()
     for cond in conditions:
         for seed in seeds:
             kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, seed=seed, output_type="np")
@@ -131,7 +185,7 @@ def generate(pipe, conditions: list, seeds: list[int], size: int, steps: int, gu
             else:
                 out = pipe(class_labels=[cond], **kwargs)
             images.append(out.images[0])
-    return images, time.perf_counter() - start, out.records[0].attention
+    return images, time.process_time() - start, out.records[0].attention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,16 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         side = size // factor
         set_attention(pipe, "sdpa")
         base, base_time, _ = generate(pipe, conditions, args.seeds, size, args.steps, args.guidance)
-        print(f"\n{size}x{size} px = {side}x{side} tokens ({side * side}); full attention {base_time:.1f} s")
-        print(f"{'variant':<58} {'PSNR dB':>8} {'SSIM':>7} {'time':>6}")
+        items = prediction_inputs(pipe, conditions, base, size)
+        _, reference = prediction_error(pipe, items, None)
+        print(f"\n{size}x{size} px = {side}x{side} tokens ({side * side}); full attention {base_time:.1f} CPU s")
+        print(f"{'variant':<52} {'PSNR dB':>8} {'SSIM':>6} {'pred err':>9} {'time':>6}")
         for label in args.variants or sweep(side):
             set_attention(pipe, label)
             imgs, seconds, recorded = generate(pipe, conditions, args.seeds, size, args.steps, args.guidance)
             p = statistics.mean(psnr(a, b) for a, b in zip(imgs, base))
             s = statistics.mean(ssim(a, b) for a, b in zip(imgs, base))
+            err, _ = prediction_error(pipe, items, reference)
             ratio = seconds / base_time
-            results.append(dict(size=size, tokens=side * side, variant=recorded, psnr=p, ssim=s, time=ratio))
-            print(f"{label:<58} {p:>8.2f} {s:>7.3f} {ratio:>5.2f}x")
+            row = dict(size=size, tokens=side * side, variant=recorded, psnr=p, ssim=s, pred_err=err, time=ratio)
+            results.append(row)
+            print(f"{label:<52} {p:>8.2f} {s:>6.3f} {err:>9.3f} {ratio:>5.2f}x")
         set_attention(pipe, "sdpa")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
