@@ -127,7 +127,7 @@ def test_each_branch_predicts_at_its_resolution(branches):
     assert out.loss_weights == tuple(4.0 ** -(branches - 1 - i) for i in range(branches))
     sample, all_branches = model(x, torch.tensor([10, 900]), torch.tensor([1, 5]), return_dict=False)
     torch.testing.assert_close(sample, all_branches[-1])
-    with pytest.raises(ValueError, match="position table covers"):
+    with pytest.raises(ValueError, match="position tables cover inputs up to 16x16"):
         model(torch.randn(1, 3, 32, 32), 5, torch.tensor([0]))
     with pytest.raises(ValueError, match="multiples of"):
         model(torch.randn(1, 3, 15, 16), 5, torch.tensor([0]))

@@ -518,6 +518,13 @@ class DiMRModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
             raise ValueError(
                 f"DiMR takes (B, C, H, W) inputs with H and W multiples of {stride}; got {tuple(hidden_states.shape)}"
             )
+        size = self.config.sample_size
+        if hidden_states.shape[-2] > size or hidden_states.shape[-1] > size:
+            raise ValueError(
+                f"this DiMR's learned position tables cover inputs up to {size}x{size} (its sample_size); got "
+                f"{hidden_states.shape[-2]}x{hidden_states.shape[-1]}. Ask for at most {size}x{size} "
+                "(times the VAE factor for a latent model); smaller sizes work."
+            )
         tau = self.time_condition(timestep, batch, hidden_states.device)
         prefix = None
         if self.class_embedder is not None:
@@ -545,23 +552,11 @@ class DiMRModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
         return DiMROutput(sample=outputs[-1], branch_samples=tuple(outputs), loss_weights=self.loss_weights)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def branch_resolutions(model: DiMRModel, size: int | None = None) -> list[int]:
-    """Side length each branch predicts at for an input of ``size`` (default: the config's sample size)."""
-    size = size or model.config.sample_size
-    return [size // 2 ** (model.num_branches - 1 - i) for i in range(model.num_branches)]
-
-
 __all__ = [
     "DIMR_SIZES",
     "DiMRAttnProcessor",
     "DiMRModel",
     "DiMROutput",
-    "branch_resolutions",
-    "count_parameters",
     "default_loss_weights",
     "dimr_config",
     "even_multi_scale_targets",
