@@ -29,6 +29,10 @@ What the method is, and how each part is implemented here:
   are computed once per image (the first transformer call, from a forward pre-hook) and reused; each step then
   costs the noise tokens' attention plus ``len(conditions) * condition_tokens`` extra keys. ``use_cache=False``
   recomputes them every step (what the official pipeline does without its cache), which the tests use as reference.
+* **Relative-position bias** (our addition for absolute-position backbones, ``position_bias`` recorded in the
+  adapter; 0 = plain EasyControl): noise -> condition logits get ``-beta * d^2`` with d the distance between the
+  noise token and the interpolated position of the condition token, the locality RoPE gives FLUX for free
+  (:func:`condition_position_bias` says why it is needed).
 * **Several conditions** are run one after another, each with its own adapter and strength, and their K/V are all
   appended for the noise tokens: because conditions never see each other this equals the official joint pass with
   its block-diagonal mask, so adapters trained alone compose zero-shot.
@@ -142,11 +146,13 @@ def _linear(attn: nn.Module, proj: str) -> nn.Linear:
 
 @dataclass
 class Condition:
-    """One condition: its encoded image (B or 1, C, h, w) in the model's input space, an adapter, a strength."""
+    """One condition: its encoded image (B or 1, C, h, w) in the model's input space, an adapter, a strength, and
+    the adapter's relative-position bias (``position_bias``, see :func:`condition_position_bias`; 0 = none)."""
 
     latents: torch.Tensor
     adapter: str
     strength: float = 1.0
+    position_bias: float = 0.0
 
 
 @dataclass
@@ -158,7 +164,9 @@ class _State:
     strength: float = 1.0
     conditions: list[Condition] = field(default_factory=list)
     use_cache: bool = True
+    conditional_half_only: bool = False  # CFG batches: conditions in the second (conditional) half only
     cache_key: tuple | None = None
+    biases: list[torch.Tensor | None] = field(default_factory=list)  # per condition: (noise, cond) logit bias
     passes: int = 0  # condition passes computed (the tests count them)
 
 
@@ -252,15 +260,38 @@ class EasyControlAttnProcessor(nn.Module):
         if mask is not None:
             mask = attn.prepare_attention_mask(mask, length, batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-        if self.kv:
+        if self.kv and self._state.conditional_half_only and batch % 2 == 0:
+            # CFG batch [uncond | cond]: conditions only in the conditional half (diffusers ControlNet's guess
+            # mode), so classifier-free guidance amplifies the control along with the prompt.
+            h = batch // 2
+            mu, mc = (None, None) if mask is None else (mask[:h], mask[h:])
+            o = torch.cat([self._attend(q[:h], k[:h], v[:h], mu, False), self._attend(q[h:], k[h:], v[h:], mc, True)])
+        else:
+            o = self._attend(q, k, v, mask, True)
+        o = o.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        return self._finish(attn, attn.to_out[0](o), x)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, conditions: bool
+    ) -> torch.Tensor:
+        """SDPA of noise queries over their own keys plus (if ``conditions``) every cached condition's keys."""
+        batch, length = q.shape[0], q.shape[2]
+        if conditions and self.kv:
             ks = [k] + [_match_batch(ck, batch).to(k.dtype) for ck, _ in self.kv]
             vs = [v] + [_match_batch(cv, batch).to(v.dtype) for _, cv in self.kv]
             k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-            if mask is not None:  # noise tokens see every condition token
+            biases = self._state.biases
+            if any(b is not None for b in biases):  # relative-position bias towards the aligned condition tokens
+                parts = [torch.zeros(length, length, device=q.device, dtype=q.dtype)]
+                parts += [
+                    (b if b is not None else torch.zeros(length, ck.shape[2])).to(device=q.device, dtype=q.dtype)
+                    for b, (ck, _) in zip(biases, self.kv)
+                ]
+                bias = torch.cat(parts, dim=1)
+                mask = bias if mask is None else F.pad(mask, (0, bias.shape[1] - mask.shape[-1])) + bias
+            elif mask is not None:  # noise tokens see every condition token
                 mask = F.pad(mask, (0, k.shape[2] - mask.shape[-1]), value=0.0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = o.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        return self._finish(attn, attn.to_out[0](o), x)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class ConditionCrossAttentionSkip:
@@ -306,6 +337,29 @@ def interpolated_position_table(
     gw, gh = torch.meshgrid(cols, rows, indexing="xy")
     table = torch.cat([sincos_1d(embed_dim // 2, gw), sincos_1d(embed_dim // 2, gh)], dim=1)
     return table.float()[None]
+
+
+def condition_position_bias(
+    beta: float, condition_grid: tuple[int, int], noise_grid: tuple[int, int]
+) -> torch.Tensor | None:
+    """(noise tokens, condition tokens) attention-logit bias ``-beta * d^2``, d the distance (in noise-grid cells)
+    between noise token i and the interpolated position of condition token j; None for ``beta == 0``.
+
+    Why: EasyControl's position interpolation works on FLUX because RoPE makes every attention logit depend on
+    relative position, so a noise token already prefers the condition token at its place. A backbone with absolute
+    sin-cos positions (PixArt, our DiTs) has no such prior: on the emoji default the attention of a noise token on
+    the same-position token is 2-3% of its mass (uniform: 1.6%), and an adapter trained without it learns to *hide*
+    the conditions (attention on them 45% -> 2%, same loss with shuffled maps) instead of using them. This bias is
+    the relative-position term RoPE would give, for noise -> condition logits only; ``beta = 0`` is plain EasyControl.
+    """
+    if not beta:
+        return None
+    (hc, wc), (hn, wn) = condition_grid, noise_grid
+    rn, cn = torch.meshgrid(torch.arange(hn, dtype=torch.float32), torch.arange(wn, dtype=torch.float32), indexing="ij")
+    rc, cc = torch.meshgrid(torch.arange(hc, dtype=torch.float32), torch.arange(wc, dtype=torch.float32), indexing="ij")
+    noise = torch.stack([rn.flatten(), cn.flatten()], dim=1)
+    cond = torch.stack([rc.flatten() * (hn / hc), cc.flatten() * (wn / wc)], dim=1)
+    return -float(beta) * torch.cdist(noise, cond) ** 2
 
 
 def condition_tokens(transformer: nn.Module, latents: torch.Tensor, noise_grid: tuple[int, int]) -> torch.Tensor:
@@ -412,6 +466,14 @@ class AdapterInfo:
     @property
     def preprocessor(self) -> str | None:
         return self.metadata.get("preprocessor") or None
+
+    @property
+    def position_bias(self) -> float:
+        try:
+            value = float(self.metadata.get("position_bias") or 0.0)
+        except ValueError:
+            return 0.0
+        return value if math.isfinite(value) and value >= 0 else 0.0
 
     @property
     def control_size(self) -> int | None:
@@ -641,6 +703,8 @@ class EasyControl:
                 raise InputError("A condition must be a (batch, channels, height, width) tensor.")
             if not math.isfinite(float(c.strength)):
                 raise InputError(f"Control strength must be a finite number, got {c.strength!r}.")
+            if not math.isfinite(float(c.position_bias)) or c.position_bias < 0:
+                raise InputError(f"position_bias must be a finite number >= 0, got {c.position_bias!r}.")
         self.state.conditions = list(conditions)
         self.state.use_cache = bool(use_cache)
         self.invalidate()
@@ -652,6 +716,7 @@ class EasyControl:
 
     def invalidate(self) -> None:
         self.state.cache_key = None
+        self.state.biases = []
         for proc in self.processors:
             proc.kv = []
 
@@ -688,9 +753,13 @@ class EasyControl:
         dtype = dtype or model.pos_embed.proj.weight.dtype
         for proc in self.processors:
             proc.kv = []
+        state.biases = []
+        p = int(model.config.patch_size)
         try:
             for cond in state.conditions:
                 state.mode, state.adapter, state.strength = "condition", cond.adapter, float(cond.strength)
+                grid = (cond.latents.shape[-2] // p, cond.latents.shape[-1] // p)
+                state.biases.append(condition_position_bias(float(cond.position_bias), grid, noise_grid))
                 x = condition_tokens(model, cond.latents.to(dtype), noise_grid)
                 batch = x.shape[0]
                 added = None

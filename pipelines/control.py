@@ -144,18 +144,19 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         max_sequence_length: int = 120,
         use_resolution_binning: bool = False,
         control_size: int | None = None,
+        control_cfg: bool = False,
     ):
         super().__init__(
             tokenizer, text_encoder, transformer, scheduler, vae, max_sequence_length, use_resolution_binning
         )
-        self.register_to_config(control_size=control_size)
+        self.register_to_config(control_size=control_size, control_cfg=bool(control_cfg))
         self._control_files: dict[str, Path] = {}
         self._control_meta: dict[str, dict[str, str]] = {}
 
     # ---- construction and saving --------------------------------------------------------------------
     @classmethod
     def from_text_pipeline(
-        cls, pipe: TextToImagePipeline, control_size: int | None = None
+        cls, pipe: TextToImagePipeline, control_size: int | None = None, control_cfg: bool = False
     ) -> ControlTextToImagePipeline:
         """Wrap a loaded text-to-image pipeline's components (shared, not copied) as a control pipeline."""
         c = pipe.components
@@ -168,6 +169,7 @@ class ControlTextToImagePipeline(TextToImagePipeline):
             max_sequence_length=int(pipe.config.get("max_sequence_length", 120)),
             use_resolution_binning=bool(pipe.config.get("use_resolution_binning", False)),
             control_size=control_size,
+            control_cfg=control_cfg,
         )
         for attr in ("model_name", "model_hash"):
             if getattr(pipe, attr, None) is not None:
@@ -360,6 +362,7 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         preprocessor: str | None = None,
         control_size: int | None = None,
         use_kv_cache: bool = True,
+        control_cfg: bool | None = None,
         **kwargs: Any,
     ) -> ControlGenerationOutput | tuple:
         """Generate ``prompt`` following the controls; every argument of ``TextToImagePipeline.__call__`` applies.
@@ -368,7 +371,10 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         would keep its tokens, merely without the adapter). ``control_size`` overrides the condition resolution in
         pixels (default: the adapter's training size, else
         the pipeline's ``control_size``, else the model's default size). ``use_kv_cache=False`` recomputes the
-        conditions' keys/values at every step (same images, slower; for measurements).
+        conditions' keys/values at every step (same images, slower; for measurements). ``control_cfg=True`` applies
+        the conditions to the conditional half of the classifier-free-guidance batch only (diffusers ControlNet's
+        guess mode), so the guidance scale amplifies the control as it does the prompt; ``None``: the pipeline's
+        ``control_cfg`` config (False, EasyControl's behaviour, unless the model directory says otherwise).
         """
         from control.easycontrol import Condition, EasyControl
 
@@ -396,7 +402,7 @@ class ControlTextToImagePipeline(TextToImagePipeline):
             cmap = self.prepare_control_image(spec.image, int(size), width, height, pre, spec.preprocessor_params)
             maps.append(cmap)
             if spec.strength != 0.0:  # strength 0 switches the condition off (as LoRA weight 0 does)
-                conditions.append(Condition(self.encode_control(cmap), info.name, spec.strength))
+                conditions.append(Condition(self.encode_control(cmap), info.name, spec.strength, info.position_bias))
             described.append(
                 {
                     "adapter": info.name,
@@ -404,19 +410,24 @@ class ControlTextToImagePipeline(TextToImagePipeline):
                     "strength": spec.strength,
                     "preprocessor": pre or "none",
                     "control_size": int(size),
+                    "position_bias": info.position_bias,
                     "control_image_hash": _image_digest(cmap),
                 }
             )
+        guided = bool(self.config.get("control_cfg", False) if control_cfg is None else control_cfg)
         ec.set_conditions(conditions, use_cache=use_kv_cache)
+        ec.state.conditional_half_only = guided
         try:
             out = super().__call__(prompt, negative_prompt, return_dict=True, **kwargs)
         finally:
             ec.clear_conditions()
+            ec.state.conditional_half_only = False
         summary = ", ".join(f"{d['adapter']} {d['strength']:g}" for d in described)
         for record in out.records:
             record.extra["Controls"] = summary
             record.extra["_controls"] = [dict(d) for d in described]
             record.extra["_kv_cache"] = bool(use_kv_cache)
+            record.extra["control_cfg"] = guided
         result = ControlGenerationOutput(out.images, out.seeds, out.records, out.interrupted, maps)
         return result if return_dict else (result.images,)
 
@@ -431,7 +442,11 @@ def check_control_pipeline(pipe: Any) -> ControlTextToImagePipeline:
 
 
 def build_control_directory(
-    base: str | Path, adapters: Sequence[str | Path], out: str | Path, control_size: int | None = None
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    control_size: int | None = None,
+    control_cfg: bool = False,
 ) -> Path:
     """Save ``base`` (a text-to-image model) with ``adapters`` as a control pipeline directory (kind "control").
 
@@ -441,7 +456,7 @@ def build_control_directory(
     from .loading import load_pipeline
 
     pipe = check_control_pipeline(load_pipeline(base))
-    pipe.register_to_config(control_size=control_size)
+    pipe.register_to_config(control_size=control_size, control_cfg=bool(control_cfg))
     for path in adapters:
         pipe.register_control_adapter(path)
     out = Path(out)
@@ -467,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", action="append", required=True, help="a control adapter file (repeatable)")
     parser.add_argument("--out", required=True, help="output pipeline directory (replaced)")
     parser.add_argument("--control-size", type=int, help="default condition size in pixels")
+    parser.add_argument(
+        "--control-cfg", action="store_true", help="default to conditions in the conditional CFG half only"
+    )
     args = parser.parse_args(argv)
     try:
-        path = build_control_directory(args.base, args.adapter, args.out, args.control_size)
+        path = build_control_directory(args.base, args.adapter, args.out, args.control_size, args.control_cfg)
     except (InputError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,15 @@ def adapter_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+def model_control_cfg(service: Any, model: str) -> bool:
+    """The model directory's default for ``control_cfg`` (conditions in the conditional CFG half only)."""
+    try:
+        index = json.loads((service.catalog.get(model).path / "model_index.json").read_text(encoding="utf-8"))
+    except (ModelLoadError, OSError, ValueError):
+        return False
+    return bool(index.get("control_cfg", False))
+
+
 def preprocessor_choices() -> list[tuple[str, str]]:
     from control.preprocessors import list_preprocessors, unavailable_reason
 
@@ -146,6 +155,7 @@ def run_control(
     batch_size: int,
     use_kv_cache: bool,
     progress: Any = None,
+    control_cfg: bool | None = None,
 ) -> tuple[list[str], int, str, dict]:
     """Validate, generate under the model's lock, save PNGs with records; (paths, seed used, status, record)."""
     import secrets
@@ -211,6 +221,7 @@ def run_control(
             num_images_per_prompt=count,
             seed=seed,
             use_kv_cache=bool(use_kv_cache),
+            control_cfg=None if control_cfg is None else bool(control_cfg),
             callback_on_step_end=on_step,
         )
     if out.interrupted:
@@ -282,6 +293,11 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
                     seed = gr.Number(-1, label="Seed", info="-1: random", precision=0, minimum=-1)
                     batch_size = gr.Slider(1, 8, value=4, step=1, label="Images")
                     kv_cache = gr.Checkbox(True, label="Cache condition K/V (faster, same images)")
+                    control_cfg = gr.Checkbox(
+                        model_control_cfg(service, models[0]),
+                        label="Amplify the control with CFG",
+                        info="conditions in the conditional half of the guidance batch only",
+                    )
         with gr.Column(scale=6, min_width=340):
             gallery = gr.Gallery(
                 label="Images",
@@ -358,6 +374,7 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
         seed: int = -1,
         batch_size: int = 4,
         use_kv_cache: bool = True,
+        control_cfg: bool = False,
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio asks for a progress tracker)
     ) -> tuple:
@@ -384,12 +401,13 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
                 batch_size,
                 use_kv_cache,
                 progress,
+                control_cfg,
             )
         except (InputError, ModelLoadError) as e:
             raise user_error(e) from None
         return paths, used, text, record
 
-    settings = [steps, guidance, width, height, seed, batch_size, kv_cache]
+    settings = [steps, guidance, width, height, seed, batch_size, kv_cache, control_cfg]
     event = run.click(
         generate,
         [model, prompt, negative, *flat, *settings],
@@ -412,23 +430,23 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
 
     def on_model(name: str) -> tuple:
         if name not in models:
-            return (gr.skip(),) * (3 + SLOTS)
+            return (gr.skip(),) * (4 + SLOTS)
         spec = service.spec(name)
         size = dict(minimum=spec.multiple, maximum=spec.max_side, step=spec.multiple, value=spec.default_size)
         new = adapter_choices(name)
-        return (model_markdown(spec), gr.update(**size), gr.update(**size)) + tuple(
+        return (model_markdown(spec), gr.update(**size), gr.update(**size), model_control_cfg(service, name)) + tuple(
             gr.update(choices=new, value=NO_ADAPTER) for _ in range(SLOTS)
         )
 
     model.input(
         on_model,
         model,
-        [model_info, width, height, *(s[2] for s in slot_components)],
+        [model_info, width, height, control_cfg, *(s[2] for s in slot_components)],
         api_visibility="private",
         queue=False,
     )
 
-    fill_components = [model, prompt, negative, steps, guidance, width, height, seed]
+    fill_components = [model, prompt, negative, steps, guidance, width, height, seed, control_cfg]
     fill_components += [c for slot in slot_components for c in (slot[2], slot[3])]
 
     def fill(record: GenerationRecord) -> list[Any]:
@@ -442,6 +460,7 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
             record.width,
             record.height,
             record.seed,
+            bool(record.extra["control_cfg"]) if "control_cfg" in record.extra else skip,
         ]
         controls = record.extra.get("_controls") or []
         if isinstance(controls, str):

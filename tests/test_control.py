@@ -215,7 +215,8 @@ def _joint_reference(model, x, text, t, conds):
     """EasyControl's own formulation, written from the paper and the official layers_cache.py: ONE masked pass
     over [noise | cond_1 | ... | cond_n] with an additive -1e20 mask (noise rows see all; a condition's rows see
     only its block), LoRA deltas multiplied by a 0/1 row mask, conditions modulated at t = 0 and kept out of the
-    text cross-attention. ``conds``: (latents, {block: AdapterLayers}, strength)."""
+    text cross-attention. ``conds``: (latents, {block: AdapterLayers}, strength[, beta]); beta adds our
+    relative-position bias -beta*d^2 to the noise rows' logits on that condition's columns."""
     p = model.config.patch_size
     batch = x.shape[0]
     grid = (x.shape[-2] // p, x.shape[-1] // p)
@@ -223,7 +224,7 @@ def _joint_reference(model, x, text, t, conds):
     t0, emb = model.adaln_single(t, None, batch, h.dtype)
     c0, _ = model.adaln_single(torch.zeros(batch), None, batch, h.dtype)
     text = model.caption_projection(text)
-    cs = [condition_tokens(model, lat.expand(batch, -1, -1, -1), grid) for lat, _, _ in conds]
+    cs = [condition_tokens(model, c[0].expand(batch, -1, -1, -1), grid) for c in conds]
     sizes = [h.shape[1]] + [c.shape[1] for c in cs]
     starts = np.cumsum([0] + sizes)
     total = int(starts[-1])
@@ -233,6 +234,13 @@ def _joint_reference(model, x, text, t, conds):
         s, e = int(starts[j + 1]), int(starts[j + 2])
         mask[s:e] = -1e20
         mask[s:e, s:e] = 0
+        if len(conds[j]) > 3:  # noise row i, condition column k: -beta * |pos_i - interpolated pos_k|^2
+            hc, wc = conds[j][0].shape[-2] // p, conds[j][0].shape[-1] // p
+            noise_pos = torch.tensor([(r, c) for r in range(grid[0]) for c in range(grid[1])], dtype=torch.float32)
+            cond_pos = torch.tensor(
+                [(r * grid[0] / hc, c * grid[1] / wc) for r in range(hc) for c in range(wc)], dtype=torch.float32
+            )
+            mask[: sizes[0], s:e] = -conds[j][3] * ((noise_pos[:, None] - cond_pos[None]) ** 2).sum(-1)
         rows.append(torch.zeros(total, 1).index_fill_(0, torch.arange(s, e), 1.0))
     for bi, block in enumerate(model.transformer_blocks):
         mods_n, mods_c = block._modulation(t0), block._modulation(c0)
@@ -243,7 +251,7 @@ def _joint_reference(model, x, text, t, conds):
 
         def proj(linear, short, inp, bi=bi):
             out = linear(inp)
-            for (_, layers, w), row in zip(conds, rows):
+            for (_, layers, w, *_), row in zip(conds, rows):
                 out = out + w * row * getattr(layers[bi], short)(inp * row)
             return out
 
@@ -283,6 +291,30 @@ def test_matches_the_official_single_masked_pass_and_two_adapters_compose_in_any
     assert torch.allclose(both, ref, atol=1e-5) and torch.allclose(only_a, ref_a, atol=1e-5)
     assert torch.allclose(both, swapped, atol=1e-5)  # conditions never see each other: order is irrelevant
     assert (both - only_a).abs().max() > 1e-3
+    with torch.no_grad():  # with the relative-position bias (beta per condition), cached or not
+        ref_bias = _joint_reference(model, x, text, t, [(ca, layers["a"], 1.0, 0.7), (cb, layers["b"], 0.5, 2.0)])
+        conds = [Condition(ca, "a", 1.0, 0.7), Condition(cb, "b", 0.5, 2.0)]
+        for cache in (True, False):
+            with ec.conditioned(conds, use_cache=cache):
+                assert torch.allclose(model(x, text, t).sample, ref_bias, atol=1e-5)
+    assert (ref_bias - ref).abs().max() > 1e-3
+
+
+def test_conditional_half_only_splits_a_cfg_batch():
+    model = tiny_text_pipeline().transformer
+    x, text, t = _inputs(model, batch=1)
+    ec = EasyControl.attach(model)
+    ec.add_adapter("a", rank=2)
+    randomize(ec, "a", 5)
+    cond = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        plain = model(x, text, t).sample
+        with ec.conditioned([Condition(cond, "a", 1.0, 1.0)]):
+            controlled = model(x, text, t).sample
+            ec.state.conditional_half_only = True
+            both = model(torch.cat([x, x]), torch.cat([text, text]), torch.cat([t, t])).sample
+            ec.state.conditional_half_only = False
+    assert torch.allclose(both[:1], plain, atol=1e-6) and torch.allclose(both[1:], controlled, atol=1e-6)
 
 
 def test_strength_scales_only_the_adapter():
@@ -315,6 +347,14 @@ def test_pipeline_cache_equals_no_cache_and_no_control_is_text_to_image(adapters
     assert (a.images - base("red cat", **GEN).images).abs().max() > 1e-3
     off = pipe("red cat", control_image=img, control_adapter="edges", control_strength=0.0, **GEN)
     assert torch.equal(off.images, base("red cat", **GEN).images)  # strength 0: the condition is off
+    # control_cfg: conditions in the conditional CFG half only (so guidance amplifies them); no CFG, no difference
+    guided = pipe("red cat", control_image=img, control_adapter="edges", control_cfg=True, **GEN)
+    assert (guided.images - a.images).abs().max() > 1e-3 and guided.records[0].extra["control_cfg"] is True
+    one = dict(GEN, guidance_scale=1.0)
+    assert torch.equal(
+        pipe("red cat", control_image=img, control_adapter="edges", control_cfg=True, **one).images,
+        pipe("red cat", control_image=img, control_adapter="edges", control_cfg=False, **one).images,
+    )
     rec = a.records[0]
     assert rec.pipeline == "control" and rec.extra["Controls"] == "edges 1"
     assert rec.extra["_controls"][0]["preprocessor"] == "canny" and rec.extra["_controls"][0]["control_size"] == 8
@@ -773,7 +813,8 @@ def test_control_tab_previews_generates_and_saves_records(adapters, tmp_path):
         "edges", "mine"]  # fmt: skip
     assert [p for p, _ in service.history("s1")] == [Path(p) for p in reversed(paths)]
     filled = handle.fill(saved)
-    assert filled[1] == "red cat" and filled[8:10] == ["edges", 1.0] and filled[10:12] == ["mine", 0.5]
+    assert filled[1] == "red cat" and filled[8] is False
+    assert filled[9:11] == ["edges", 1.0] and filled[11:13] == ["mine", 0.5]
     with pytest.raises(InputError, match="prompt is empty"):
         run_control(service, models, "s1", "tiny-control", " ", "", slots, 2, 3.0, 8, 8, 5, 1, True)
     with pytest.raises(InputError, match="no image"):

@@ -164,6 +164,7 @@ def evaluate(
     repeats: int = 5,
     preprocessor: str | None = None,
     grid: str | Path | None = None,
+    control_cfg: bool | None = None,
 ) -> dict[str, Any]:
     """Fidelity with and without control, extra parameters and latency; see the module docstring."""
     from control.easycontrol import EasyControl
@@ -189,7 +190,13 @@ def evaluate(
         params = {"mask": mask} if mask is not None else {}
         cmap = make_control_map(image, control_size, size, size, pre, params)
         ctl = pipe(
-            caption, control_image=cmap, control_adapter=info.name, control_strength=strength, seed=seed + i, **kw
+            caption,
+            control_image=cmap,
+            control_adapter=info.name,
+            control_strength=strength,
+            control_cfg=control_cfg,
+            seed=seed + i,
+            **kw,
         )
         base = pipe(caption, seed=seed + i, **kw)
         with_c.append(fidelity(ctl.images[0], cmap, pre, image, mask))
@@ -207,10 +214,19 @@ def evaluate(
     lat = {
         "base_s": _timed(lambda: pipe(caption, seed=0, **kw), repeats),
         "control_kv_cache_s": _timed(
-            lambda: pipe(caption, control_image=cmap, control_adapter=info.name, seed=0, **kw), repeats
+            lambda: pipe(caption, control_image=cmap, control_adapter=info.name, seed=0, control_cfg=control_cfg, **kw),
+            repeats,
         ),
         "control_no_cache_s": _timed(
-            lambda: pipe(caption, control_image=cmap, control_adapter=info.name, seed=0, use_kv_cache=False, **kw),
+            lambda: pipe(
+                caption,
+                control_image=cmap,
+                control_adapter=info.name,
+                seed=0,
+                use_kv_cache=False,
+                control_cfg=control_cfg,
+                **kw,
+            ),
             repeats,
         ),
     }
@@ -227,6 +243,7 @@ def evaluate(
         "steps": steps,
         "guidance_scale": guidance_scale,
         "strength": strength,
+        "control_cfg": bool(pipe.config.get("control_cfg", False) if control_cfg is None else control_cfg),
         "holdout_fraction": holdout_fraction,
         "fidelity_with_control": mean(with_c),
         "fidelity_without_control": mean(without_c),
@@ -254,7 +271,8 @@ def format_report(r: dict[str, Any]) -> str:
     w, wo, lat = r["fidelity_with_control"], r["fidelity_without_control"], r["latency_per_image"]
     lines = [
         f"adapter {r['adapter']} ({r['preprocessor']}, control {r['control_size']} px) on {r['pipeline']}: "
-        f"{r['num_images']} images, {r['steps']} steps, CFG {r['guidance_scale']}, strength {r['strength']}",
+        f"{r['num_images']} images, {r['steps']} steps, CFG {r['guidance_scale']}, strength {r['strength']}, "
+        f"control in the conditional CFG half only: {r['control_cfg']}",
         f"{'metric':<14}{'with control':>14}{'without':>10}",
     ]
     for key in w:
@@ -284,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preprocessor", help="override the adapter's recorded preprocessor")
     p.add_argument("--out", help="write the report as JSON")
     p.add_argument("--grid", help="save rows of [map | with control | without control]")
+    p.add_argument("--control-cfg", choices=["yes", "no"], help="conditions in the conditional CFG half only")
     return p.parse_args(argv)
 
 
@@ -305,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats,
             args.preprocessor,
             args.grid,
+            None if args.control_cfg is None else args.control_cfg == "yes",
         )
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,7 @@ class ControlSection:
     preprocessor_params: dict[str, Any] = field(default_factory=dict)
     control_size: int | None = None  # condition resolution in pixels; None: data.resolution
     holdout_fraction: float = 0.0  # leave out the images training.classifier.is_held_out assigns (for evaluation)
+    position_bias: float = 1.0  # noise -> condition logit bias -beta*d^2 (control.easycontrol); 0: plain EasyControl
 
 
 @dataclass
@@ -128,6 +129,8 @@ def load_control_config(
         unknown = sorted(set(cc.preprocessor_params) - allowed)
         if unknown:
             raise ConfigError(f"control.preprocessor_params {unknown} are not parameters of {cc.preprocessor}")
+    if not isinstance(cc.position_bias, (int, float)) or not 0 <= cc.position_bias < 1e4:
+        raise ConfigError(f"control.position_bias must be a number >= 0, got {cc.position_bias!r}")
     if not isinstance(cc.preprocessor_params, dict):
         raise ConfigError("control.preprocessor_params must be a mapping")
     if config.data.categories:
@@ -182,6 +185,11 @@ class ControlTrainer(LoraTrainer):
                 f"{sum(not m for m in has_maps)} images in {config.data.root} have no conditioning_image_file_name; "
                 "add one per row of metadata.jsonl or set control.preprocessor (e.g. canny) to compute the maps"
             )
+        self.control.adapters[cc.name].metadata.update(  # what validation (and the saved file) use
+            preprocessor=cc.preprocessor or "none",
+            control_size=str(cc.control_size),
+            position_bias=f"{float(cc.position_bias):g}",
+        )
         self.use_maps = all(has_maps)
         self._maps: dict[int, torch.Tensor] = {}
         from pipelines.control import ControlTextToImagePipeline
@@ -307,7 +315,8 @@ class ControlTrainer(LoraTrainer):
         cond = self.condition_latents(batch).to(self.weight_dtype)
         # Recomputed every step (no cache): the adapter changes and the batch's maps differ. The conditions stay set
         # until the next step, so a gradient-checkpointed backward still finds the conditions' K/V.
-        self.control.set_conditions([Condition(cond, self.config.control.name, 1.0)], use_cache=False)
+        cc = self.config.control
+        self.control.set_conditions([Condition(cond, cc.name, 1.0, float(cc.position_bias))], use_cache=False)
         return super().predict(xt, t, batch)
 
     # ---- saving -----------------------------------------------------------------------------------------
@@ -322,6 +331,7 @@ class ControlTrainer(LoraTrainer):
             "preprocessor": cc.preprocessor or "none",
             "preprocessor_params": json.dumps(cc.preprocessor_params, sort_keys=True, default=str),
             "control_size": str(cc.control_size),
+            "position_bias": f"{float(cc.position_bias):g}",
             "conditioning": "conditioning_image_file_name" if self.use_maps else f"preprocessor:{cc.preprocessor}",
             "steps": str(self.global_step),
             "training_config": json.dumps(self.config.to_dict(), sort_keys=True, default=str),
