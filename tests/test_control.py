@@ -743,6 +743,13 @@ def test_official_flux_generation_and_bad_files(tmp_path):
         pipe, "red cat", subject_images=[emoji().crop((0, 0, 32, 20))], generator=torch.Generator().manual_seed(0), **kw
     ).images  # noqa: E501
     assert a.shape == (1, 3, 16, 16) and torch.equal(a, b) and (a - c).abs().max() > 0
+    cfg = dict(kw, negative_prompt="green dog", true_cfg_scale=2.0)  # the negative prompt gets its own cache
+    ec = pipe.transformer._dit_studio_flux_easycontrol
+    before = ec.state.passes
+    d = generate(pipe, "red cat", [emoji()], generator=torch.Generator().manual_seed(0), **cfg).images
+    assert ec.state.passes == before + 2
+    e = generate(pipe, "red cat", [emoji()], use_cache=False, generator=torch.Generator().manual_seed(0), **cfg).images
+    assert torch.equal(d, e)
     with pytest.raises(InputError, match="2 condition images but only 1"):
         generate(pipe, "red cat", [emoji(), emoji()], **kw)
     bad = _official_file(tmp_path / "wide.safetensors", 2, dim=48)
