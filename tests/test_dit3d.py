@@ -544,6 +544,9 @@ def test_points_trainer_writes_a_loadable_pipeline(tmp_path):
     assert [x["step"] for x in losses] == [1, 2]
     pipe = load_pipeline(out)
     assert pipe.config.id2label == {"0": "chair", "1": "lamp"} and pipe.config.data_std > 0
+    # DiT-3D's ancestral DDPM, x0 clipped to the (normalised) data range, measured on the training shapes.
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and pipe.scheduler.config.clip_sample
+    assert 0.5 / pipe.config.data_std < pipe.scheduler.config.clip_sample_range < 2 / pipe.config.data_std
     assert "seed: 0" in (Path(out) / "training_config.yaml").read_text()
     with pytest.raises(Exception, match="valid keys"):
         load_points_config(None, ["data.colour=1"])

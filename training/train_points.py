@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
@@ -67,6 +67,9 @@ class PointsTrainConfig:
     # DiT3DModel kwargs; ``config: DiT-3D-S/4`` (+ ``window: true``) starts from a named size.
     model: dict[str, Any] = field(default_factory=dict)
     init_from_2d: str | None = None  # a 2D DiT checkpoint/directory whose blocks initialise the model
+    # Save the sampler with x0 predictions clipped to the training data's range (normalised): stray points cannot
+    # fly off. DiT-3D's test.py samples without clipping; set false to match it exactly.
+    sample_clip: bool = True
     data: PointDataConfig = field(default_factory=PointDataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -171,14 +174,22 @@ def open_point_dataset(config: PointsTrainConfig, split: str = "train") -> Any:
     return ShapeNetPC15k(d.root, d.categories or ["chair"], split=split, num_points=d.num_points, seed=d.seed)
 
 
-def dataset_statistics(dataset: Any) -> tuple[list[float], float]:
-    """The global normalisation of a training set: a ShapeNet reader has it; procedural shapes are measured."""
+def dataset_statistics(dataset: Any) -> tuple[list[float], float, float]:
+    """The global normalisation of a training set, (mean, std), and the largest normalised |coordinate|.
+
+    A ShapeNet reader has measured them in its statistics pass; procedural shapes are measured here.
+    """
     if hasattr(dataset, "train_statistics") and hasattr(dataset, "std"):
-        return [float(v) for v in np.asarray(dataset.mean).reshape(3)], float(dataset.std)
+        mean, std = np.asarray(dataset.mean, dtype=np.float64).reshape(3), float(dataset.std)
+        max_abs = getattr(dataset, "max_abs", None)
+        bound = (max_abs + float(np.abs(mean).max())) / std if max_abs is not None else float("inf")
+        return [float(v) for v in mean], std, bound
     from .data.shapes import global_stats
 
-    mean, std = global_stats(dataset.all_raw_points())
-    return [float(v) for v in mean], float(std)
+    raw = dataset.all_raw_points()
+    mean, std = global_stats(raw)
+    bound = float(np.abs((raw - mean) / std).max())
+    return [float(v) for v in mean], float(std), bound
 
 
 def collate_points(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -230,7 +241,7 @@ class PointTrainer(Trainer):
         )
         set_seed(config.seed, device_specific=True)
         self.dataset = open_point_dataset(config, "train")
-        self.data_mean, self.data_std = dataset_statistics(self.dataset)
+        self.data_mean, self.data_std, self.data_bound = dataset_statistics(self.dataset)
         self.dataset.set_normalization(self.data_mean, self.data_std)
         # One "bucket": a plain shuffled batch sampler whose order is a function of (seed, epoch).
         self.sampler = AspectRatioBucketSampler(
@@ -277,7 +288,7 @@ class PointTrainer(Trainer):
         self.ema.copy_to(list(transformer.parameters()))
         pipe = PointCloudPipeline(
             transformer=transformer,
-            scheduler=DPMSolverMultistepScheduler.from_config(self.noise.config),
+            scheduler=self.sampling_scheduler(),
             id2label=self.id2label,
             data_mean=self.data_mean,
             data_std=self.data_std,
@@ -285,6 +296,16 @@ class PointTrainer(Trainer):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def sampling_scheduler(self) -> DDPMScheduler:
+        """Ancestral DDPM, as DiT-3D samples: deterministic solvers (DDIM, DPM-Solver) pull an undertrained point
+        model's clouds into blobs (docs/dit3d.md). x0 is clipped to 1.1x the data's range (``sample_clip``)."""
+        clip = self.config.sample_clip and np.isfinite(self.data_bound)
+        return DDPMScheduler.from_config(
+            self.noise.config,
+            clip_sample=bool(clip),
+            clip_sample_range=round(1.1 * self.data_bound, 3) if clip else 1.0,
+        )
 
     def validate(self) -> None:
         if not self.accelerator.is_main_process:

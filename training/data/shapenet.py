@@ -111,6 +111,7 @@ class ShapeNetPC15k:
             )
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither (then the train split's statistics are used)")
+        self.max_abs: float | None = None  # largest |raw coordinate| of the train split, when measured
         if mean is None:
             self.mean, self.std = self.train_statistics()
         else:
@@ -149,12 +150,14 @@ class ShapeNetPC15k:
                 f"no train split under {self.root} for {', '.join(self.class_names)} to take normalisation "
                 "statistics from; pass mean and std explicitly"
             )
-        n, total, total_sq = 0, np.zeros(3), 0.0
+        n, total, total_sq, max_abs = 0, np.zeros(3), 0.0, 0.0
         for path in files:
             arr = np.asarray(self._load(path), dtype=np.float64)
             n += len(arr)
             total += arr.sum(axis=0)
             total_sq += float((arr * arr).sum())
+            max_abs = max(max_abs, float(np.abs(arr).max()))
+        self.max_abs = max_abs
         mean = total / n
         # PointFlow: std of all coordinates about their common (scalar) mean.
         common = mean.mean()
