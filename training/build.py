@@ -46,6 +46,9 @@ def backbone_class(config: TrainConfig) -> tuple[type, dict[str, Any]]:
 
 
 def build_transformer(config: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
+    """The backbone, freshly initialised. ``model.attention_variant`` (e.g. ``"agent[agent_num=16]"``) is a config
+    argument of DiTModel/TextDiTModel: the trained agent processors are built here, trained with the model, and
+    saved with it (the pipeline's ``transformer/config.json`` names the variant, so loading rebuilds them)."""
     cls, model = backbone_class(config)
     kwargs: dict[str, Any] = {"sample_size": config.data.resolution, "in_channels": 3}
     if config.kind == "text-to-image":
@@ -58,6 +61,11 @@ def build_transformer(config: TrainConfig, num_classes: int | None = None) -> to
     # the config's own keys are passed as written, so a typo still fails loudly.
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if "attention_variant" in model and "attention_variant" not in accepted:
+        raise ConfigError(
+            f"model.attention_variant: {cls.__name__} has no swappable attention (its attention is part of its "
+            "architecture); attention variants are trained on DiTModel / TextDiTModel (leave model.backbone unset)"
+        )
     kwargs.update(model)
     if kwargs.get("learn_sigma"):
         raise ValueError(

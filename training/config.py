@@ -87,7 +87,8 @@ class TrainConfig:
     kind: str = "text-to-image"
     output_dir: str = "runs/train"
     seed: int = 0
-    model: dict[str, Any] = field(default_factory=dict)  # kwargs of dit.TextDiTModel / dit.DiTModel
+    # kwargs of dit.TextDiTModel / dit.DiTModel, e.g. attention_variant: "agent[agent_num=16]" (trained agent attention)
+    model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -145,6 +146,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = _build(TrainConfig, data, "")
     if config.kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
+    variant = str(config.model.get("attention_variant", "sdpa"))
+    if config.optim.z_loss_weight > 0 and variant.split("[", 1)[0].strip() != "sdpa":
+        raise ConfigError(
+            f"optim.z_loss_weight > 0 records attention logits through its own self-attention processor, which "
+            f"would replace model.attention_variant {variant!r}; use one or the other"
+        )
     if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     return config

@@ -24,6 +24,12 @@ remembers the variant as ``transformer.attention_variant`` (e.g. ``"proxy[window
 seed=0]"``), which ``pipelines.base.DiTStudioPipeline.attention_label`` writes into every generation record.
 Setting the same variant and options again is a no-op, so a server may call this before every request.
 
+A variant that adds parameters (``agent``) is part of the model: ``set_attention`` writes its label into the
+model's config (``attention_variant``, on ``DiTModel``/``TextDiTModel``), so ``save_pretrained`` stores it and
+``from_pretrained`` rebuilds the processors before the weights load. Training-free variants record ``"sdpa"`` there:
+a saved model never claims processors it does not have. Replacing trained processors keeps them aside on the model,
+so setting their label again (or ``"sdpa"`` with ``keep_trained=True``, the UI's default) puts the same weights back.
+
 Backbones whose attention *is* their architecture (PT-DiT, ``native_attention = True``) accept only ``sdpa``,
 meaning "the model's own attention"; swapping their window/proxy layers for another variant is refused.
 """
@@ -31,11 +37,13 @@ meaning "the model's own attention"; swapping their window/proxy layers for anot
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
 
 from .agent import AgentAttnProcessor, AgentSDAttnProcessor, bipartite_soft_matching
 from .grid import (
@@ -57,6 +65,7 @@ __all__ = [
     "ProxyTokenMixer",
     "WindowAttnProcessor",
     "available_variants",
+    "init_attention",
     "bipartite_soft_matching",
     "current_timestep",
     "current_token_grid",
@@ -70,6 +79,7 @@ __all__ = [
     "self_attention_modules",
     "set_attention",
     "token_grid",
+    "trained_variant",
     "unpartition",
 ]
 
@@ -290,12 +300,69 @@ def self_attention_modules(model: Any) -> list[tuple[str, Attention]]:
     return found
 
 
-def set_attention(model_or_pipeline: Any, variant: str, **options: Any) -> str:
+CONFIG_KEY = "attention_variant"  # the config field of backbones that persist their attention variant
+
+
+def _is_trained(label: str) -> bool:
+    """Whether a label names a variant whose processors carry learned parameters (``agent``)."""
+    try:
+        name, _ = parse_label(label)
+    except AttentionConfigError:
+        return False
+    return name in VARIANTS and not VARIANTS[name].training_free
+
+
+def _record(model: Any, value: str) -> None:
+    """Write ``value`` into ``model.config.attention_variant`` when the model has that field (our backbones)."""
+    config = getattr(model, "config", None)
+    register = getattr(model, "register_to_config", None)
+    if register is None or not hasattr(config, "keys") or CONFIG_KEY not in config:
+        return
+    if config[CONFIG_KEY] != value:
+        register(**{CONFIG_KEY: value})
+
+
+def trained_variant(model_or_pipeline: Any) -> str | None:
+    """The label of the trained processors a model holds, in use or kept aside by :func:`set_attention`; else None.
+
+    A model trained with ``agent`` attention has its attention weights in these processors; a server uses this to
+    know that the model's own attention is not plain SDPA (see ``set_attention(..., keep_trained=True)``).
+    """
+    model = getattr(model_or_pipeline, "transformer", None)
+    model = model_or_pipeline if model is None else model
+    current = getattr(model, "attention_variant", "sdpa")
+    if isinstance(current, str) and _is_trained(current):
+        return current
+    kept = getattr(model, "_kept_trained_attention", None)
+    return kept[0] if kept else None
+
+
+def _restore_kept(model: Any, label: str, modules: list[tuple[str, Attention]]) -> list[Any] | None:
+    """The trained processors kept aside under ``label``, moved to the layers' current device and dtype."""
+    kept = getattr(model, "_kept_trained_attention", None)
+    if not kept or kept[0] != label or len(kept[1]) != len(modules):
+        return None
+    model._kept_trained_attention = None
+    out = []
+    for (_, module), proc in zip(modules, kept[1]):
+        weight = module.to_q.weight
+        out.append(proc.to(device=weight.device, dtype=weight.dtype) if isinstance(proc, nn.Module) else proc)
+    return out
+
+
+def set_attention(model_or_pipeline: Any, variant: str, *, keep_trained: bool = False, **options: Any) -> str:
     """Put ``variant`` on every self-attention module of a model (or of ``pipeline.transformer``).
 
     Returns the label recorded as ``transformer.attention_variant``. Errors (:class:`AttentionConfigError`, a
     ``ValueError``) name the fix: unknown variants or options, bad values, a model without self-attention.
     Window sizes and grids are checked at call time, against the grid the pipeline hands over.
+
+    Variants with parameters (``agent``) are recorded in the model's config (``attention_variant``) so a saved model
+    reloads with them; any other variant records ``"sdpa"`` there. Trained processors that another variant replaces
+    are kept aside (not in the state dict), and setting their label again puts those same weights back.
+    ``keep_trained=True`` reads a plain ``"sdpa"`` as "the model's own attention" on a model that holds trained
+    processors, as it already means for PT-DiT and DiMR: a UI whose default is ``sdpa`` then keeps an agent-trained
+    model on its agent attention instead of running it with attention it was never trained for.
     """
     model = getattr(model_or_pipeline, "transformer", None)
     model = model_or_pipeline if model is None else model
@@ -309,19 +376,54 @@ def set_attention(model_or_pipeline: Any, variant: str, **options: Any) -> str:
             )
         model.reset_attention()
         return model.attention_variant
+    own = trained_variant(model) if keep_trained and name == "sdpa" and not merged else None
+    if own is not None:
+        name, merged = parse_label(own)
     spec, resolved = resolve_options(name, merged)
-    if spec.name == "agent" and resolved["agent_num"] is not None:
+    if spec.name == "agent":
         from .agent import _pool_shape
 
         _pool_shape(resolved["agent_num"])  # a bad agent count fails here, not at the first forward
+        if resolved["grid_size"] is None:  # the label (and a saved config) names the grid the biases are stored for
+            resolved["grid_size"] = _grid_size(model, resolved)
     label = format_label(spec.name, resolved)
-    if getattr(model, "attention_variant", "sdpa") == label:
+    current = getattr(model, "attention_variant", "sdpa")
+    if current == label:
         return label
     modules = self_attention_modules(model)
     if not modules:
         raise AttentionConfigError(f"{type(model).__name__} has no self-attention modules named attn1 to replace")
-    processors = [spec.build(module, i, resolved, model) for i, (_, module) in enumerate(modules)]
+    processors = _restore_kept(model, label, modules) if not spec.training_free else None
+    if processors is None:
+        processors = [spec.build(module, i, resolved, model) for i, (_, module) in enumerate(modules)]
+    if isinstance(current, str) and _is_trained(current):
+        # Keep the trained weights (outside the state dict, so a save does not claim them) for the way back.
+        model._kept_trained_attention = (current, [module.processor for _, module in modules])
+        warnings.warn(
+            f"{type(model).__name__}: {label} replaces the trained attention processors {current}; a model trained "
+            f"with them is not meant to run without them. They are kept: set_attention(model, {current!r}) puts "
+            "them back.",
+            stacklevel=2,
+        )
     for (_, module), proc in zip(modules, processors):
         module.set_processor(proc)
     model.attention_variant = label
+    _record(model, label if not spec.training_free else "sdpa")
     return label
+
+
+def init_attention(model: Any, variant: str | None) -> None:
+    """Apply a backbone's ``attention_variant`` config argument at the end of its ``__init__``.
+
+    ``from_pretrained`` builds the model from its config before it loads the weights, so processors with
+    parameters (``agent``) exist by the time their ``...attn1.processor.*`` weights arrive. The config keeps the
+    resolved label; a training-free variant given here stays in the config too (the model was built with it).
+    """
+    model.attention_variant = "sdpa"
+    variant = "sdpa" if variant is None else str(variant)
+    name, options = parse_label(variant)
+    if name == "sdpa" and not options:
+        _record(model, "sdpa")
+        return
+    label = set_attention(model, variant)
+    _record(model, label)

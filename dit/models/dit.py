@@ -18,6 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..attention import init_attention
 from ..blocks import (
     DiTBlock,
     FinalLayerAdaLNZero,
@@ -63,6 +64,9 @@ class DiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     ``learn_sigma=True`` doubles the output channels (ε and the variance interpolation ``v``), as the
     released DiT-XL/2 checkpoints do.
+
+    ``attention_variant`` is a ``dit.attention`` label applied last in ``__init__``; ``set_attention`` records trained
+    variants (``agent``) here, so ``from_pretrained`` rebuilds their processors before their weights load.
     """
 
     _supports_gradient_checkpointing = True
@@ -84,6 +88,7 @@ class DiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         qk_norm: str | None = None,
         timestep_freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-6,
+        attention_variant: str = "sdpa",
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -103,6 +108,8 @@ class DiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 block.norm2.eps = mlp_norm_eps
         self.final_layer = FinalLayerAdaLNZero(dim, patch_size, self.out_channels)
         self._init_weights()
+        # Last, so processors with parameters (agent attention) exist before from_pretrained loads their weights.
+        init_attention(self, attention_variant)
 
     def _init_weights(self) -> None:
         xavier_init_linears(self)

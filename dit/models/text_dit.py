@@ -17,6 +17,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..attention import init_attention
 from ..blocks import DiTBlock, fused_qkv_xavier_init, grid_of, t2i_final_modulation, unpatchify, xavier_init_linears
 from ..embeddings import CaptionProjection, PatchEmbed2D
 from ..modulation import AdaLNSingle
@@ -27,6 +28,9 @@ class TextDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     ``forward(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, encoder_attention_mask)``;
     ``encoder_attention_mask`` is the tokenizer's (B, L) 1/0 mask (padding tokens are not attended).
+
+    ``attention_variant`` is a ``dit.attention`` label applied last in ``__init__``; ``set_attention`` records trained
+    variants (``agent``) here, so ``from_pretrained`` rebuilds their processors before their weights load.
     """
 
     _supports_gradient_checkpointing = True
@@ -48,6 +52,7 @@ class TextDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         use_additional_conditions: bool | None = None,
         qk_norm: str | None = None,
         norm_eps: float = 1e-6,
+        attention_variant: str = "sdpa",
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -55,18 +60,14 @@ class TextDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if use_additional_conditions is None:
             use_additional_conditions = sample_size == 128  # PixArt-α 1024-MS convention
         self.use_additional_conditions = use_additional_conditions
-        interpolation_scale = (
-            interpolation_scale if interpolation_scale is not None else max(sample_size // 64, 1)
-        )
+        interpolation_scale = interpolation_scale if interpolation_scale is not None else max(sample_size // 64, 1)
         self.gradient_checkpointing = False
         self.pos_embed = PatchEmbed2D(sample_size, patch_size, in_channels, dim, interpolation_scale)
         self.adaln_single = AdaLNSingle(dim, use_additional_conditions)
         self.caption_projection = CaptionProjection(caption_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             [
-                DiTBlock(
-                    dim, num_attention_heads, attention_head_dim, "ada_single", dim, mlp_ratio, norm_eps, qk_norm
-                )
+                DiTBlock(dim, num_attention_heads, attention_head_dim, "ada_single", dim, mlp_ratio, norm_eps, qk_norm)
                 for _ in range(num_layers)
             ]
         )
@@ -74,6 +75,8 @@ class TextDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
         self._init_weights()
+        # Last, so processors with parameters (agent attention) exist before from_pretrained loads their weights.
+        init_attention(self, attention_variant)
 
     def _init_weights(self) -> None:
         """PixArt's ``initialize_weights``: Xavier everywhere, N(0, .02) embedders, zero cross-attn out."""
