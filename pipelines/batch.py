@@ -6,19 +6,35 @@ Input, one row per generation setting:
 * ``.jsonl``: one JSON object per line (or a JSON string, taken as the prompt);
 * ``.csv``: a header row, then one row per line (quoted cells may span lines).
 
-Columns (all optional but the condition; empty cells use the command-line defaults): ``prompt``,
-``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``width``, ``height``, ``class``, ``model``,
-``scheduler``, ``count``. ``control_image`` / ``adapter`` columns are accepted in the header but a
-non-empty value is rejected: control adapters are not supported by the batch CLI yet.
+Columns (empty cells use the command-line defaults). Every kind: ``model``, ``seed``, ``count``, ``steps``,
+``guidance``, ``scheduler``, ``attention`` (a training-free variant label such as ``agentsd[ratio=0.5]``; empty: the
+model's own). Then, by the row's model kind (:mod:`pipelines.batch_kinds`):
+
+* text-to-image: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``lora`` (a ``.safetensors`` file, several
+  separated by ``;``), ``lora_weight``;
+* class-to-image: ``class`` (name or id), ``width``, ``height``, ``lora``, ``lora_weight``; VAR models run one step
+  per scale at their trained size (``steps``/``scheduler``/size are fixed) and take ``top_k`` / ``top_p``;
+* control: the text-to-image columns plus ``control_image`` (a file), ``adapter`` (one of the model's
+  ``controls/``), ``strength``, ``preprocessor`` (``auto``: the adapter's own; ``none``: the image is the map), or in
+  JSONL a ``controls`` list of ``{"image", "adapter", "strength", "preprocessor"}`` objects;
+* video: ``task`` (predict, backward, interpolate, animate, complete, unconditional), ``video`` (a clip, GIF,
+  frame folder or image), ``num_given``, ``stride``, ``frame_index``; written as MP4 (with ffmpeg) + GIF + JSON;
+* point-cloud: ``class``, ``points``; written as PLY + GLB + a preview PNG + JSON.
+
+Relative file names in a row are read from the prompts file's folder. A value in a column its model does not use
+is an error (so a typo never silently changes nothing); CSV files may carry every column for mixed rows.
 
 Output, in ``--output-dir``: ``{row:05d}-{i:02d}-{seed}.png`` (PNG with the A1111 ``parameters`` text and
-the JSON record) and ``manifest.jsonl``, one line per image in row order:
-``{"file", "row", "line", "index", "record"}``.
+the JSON record; other kinds write their files under the same stem, the record as ``.json``) and
+``manifest.jsonl``, one line per output in row order: ``{"file", "files", "row", "line", "index", "record"}``.
 
 * The whole file is validated before any model loads; every malformed row is reported with its line
   number. ``--dry-run`` stops there.
-* Resumable: a rerun skips images whose file exists and matches its row (checked against the manifest,
-  or the PNG's own record). PNGs are written atomically, so a killed run loses at most the images in flight.
+* Resumable: a rerun skips outputs whose files exist and were made from the same row settings (every record
+  carries a fingerprint of them, ``extra._batch_key``; checked against the manifest, or the file's own record).
+  Files are written atomically, the record last, so a killed run loses at most the outputs in flight.
+* A row that fails while running (an unreadable clip, a LoRA that does not fit the model) is reported with its
+  line and the run goes on with the other rows; the exit status is then 1.
 * Seeds are explicit or derived from ``--seed`` and the row number, noise is drawn on the CPU per image, so
   the files do not depend on how the work is split: under ``accelerate launch --num_processes N`` the rows
   are spread over the processes, which write the same files, byte for byte, as one process would. Each
@@ -37,7 +53,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import math
 import os
 import sys
 import warnings
@@ -46,25 +61,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batch_kinds import (
+    COMMON_COLUMNS,
+    MAX_COUNT,
+    Defaults,
+    RowCheck,
+    Task,
+    all_columns,
+    as_int,
+    blank,
+    row_kind,
+)
 from .catalog import ASSETS_MODELS, Catalog
 from .errors import InputError, ModelLoadError
-from .metadata import GenerationRecord, read_record, save_png
+from .metadata import GenerationRecord
 from .schedulers import scheduler_names
-from .service import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, ModelSpec, model_spec
+from .service import ModelSpec, apply_attention, model_spec
 
-COLUMNS = (
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance",
-    "width",
-    "height",
-    "class",
-    "model",
-    "scheduler",
-    "count",
-)
+COLUMNS = all_columns()
 ALIASES = {
     "negative": "negative_prompt",
     "guidance_scale": "guidance",
@@ -73,21 +87,17 @@ ALIASES = {
     "class_label": "class",
     "label": "class",
     "num_images": "count",
+    "num_videos": "count",
+    "num_clouds": "count",
+    "control": "control_image",
+    "control_scale": "strength",
+    "control_strength": "strength",
+    "adapter_weight": "strength",
+    "num_points": "points",
+    "loras": "lora",
 }
-#: Columns a later release will use; a non-empty value is refused with a clear message until then.
-NOT_YET = {
-    "control_image": "control images",
-    "control": "control images",
-    "control_type": "control images",
-    "control_scale": "control images",
-    "preprocessor": "control images",
-    "adapter": "adapters (LoRA / control adapters)",
-    "adapters": "adapters (LoRA / control adapters)",
-    "adapter_weight": "adapters (LoRA / control adapters)",
-    "lora": "adapters (LoRA / control adapters)",
-}
-MAX_COUNT = 64
 MANIFEST = "manifest.jsonl"
+BATCH_KEY = "_batch_key"  # record.extra entry: the fingerprint of the row settings that made the output
 FORMATS = (".txt", ".jsonl", ".csv")
 
 
@@ -97,42 +107,6 @@ class Row:
     line: int  # 1-based line of the prompts file where the row starts
     values: dict[str, Any]
     broken: bool = False  # unparsable (already reported); kept so row numbers stay stable
-
-
-@dataclass
-class Task:
-    """A validated row: everything a pipeline call needs."""
-
-    row: int
-    line: int
-    model: str
-    kind: str
-    prompt: str | None
-    negative_prompt: str | None
-    class_label: int | None
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    scheduler: str | None
-    count: int
-
-    def file_name(self, i: int) -> str:
-        return f"{self.row:05d}-{i:02d}-{self.seed + i}.png"
-
-
-@dataclass
-class Defaults:
-    model: str | None = None
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None
-    count: int = 1
 
 
 @dataclass
@@ -206,7 +180,7 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
             return []
         keys = [_normalize_key(h) for h in header]
         for key in keys:
-            if key not in COLUMNS and key not in NOT_YET:
+            if key not in COLUMNS:
                 problems.add(1, f"unknown column {key!r}; columns: {', '.join(COLUMNS)}")
         if len(set(keys)) != len(keys):
             problems.add(1, "a column name appears twice in the header")
@@ -222,7 +196,7 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
             if any(c.strip() for c in cells):
                 if len(cells) > len(keys):
                     problems.add(start, f"{len(cells)} cells but the header names {len(keys)} columns")
-                values = {k: c for k, c in zip(keys, cells) if k in COLUMNS or k in NOT_YET}
+                values = {k: c for k, c in zip(keys, cells) if k in COLUMNS}
                 rows.append(Row(len(rows), start, values))
             start = reader.line_num + 1
     return rows
@@ -231,62 +205,26 @@ def read_rows(path: Path, problems: Problems) -> list[Row]:
 # ---------------------------------------------------------------------------------------------- validating
 
 
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _float(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
-
-
 def derived_seed(base: int, row: int) -> int:
     """The seed of a row that gives none: stable for (``--seed``, row), spread over 32 bits."""
     return int.from_bytes(hashlib.sha256(f"{base}:{row}".encode()).digest()[:4], "big")
 
 
-def _class_id(spec: ModelSpec, value: Any) -> int:
-    if isinstance(value, str) and value.strip() in spec.labels:
-        return spec.labels[value.strip()]
-    n = spec.num_classes or len(spec.class_choices())
-    try:
-        idx = _int(value, "class")
-    except ValueError:
-        known = ", ".join(spec.class_choices()[:12])
-        raise ValueError(f"unknown class {value!r} for model {spec.name} (classes: {known}...)") from None
-    if not 0 <= idx < n:
-        raise ValueError(f"class {idx} is out of range for model {spec.name} (0..{n - 1})")
-    return idx
+def validate_rows(
+    rows: list[Row], defaults: Defaults, catalog: Catalog, problems: Problems, base_dir: Path | None = None
+) -> list[Task]:
+    """Tasks for the valid rows; every problem (with its line) goes to ``problems``. Loads no model.
 
-
-def validate_rows(rows: list[Row], defaults: Defaults, catalog: Catalog, problems: Problems) -> list[Task]:
-    """Tasks for the valid rows; every problem (with its line) goes to ``problems``. Loads no model."""
+    ``base_dir``: where relative file names in rows are read from (the prompts file's folder; default: the
+    problems' file's folder).
+    """
     specs: dict[str, ModelSpec] = {}
+    base = Path(base_dir) if base_dir is not None else Path(problems.path).resolve().parent
     tasks: list[Task] = []
     for row in rows:
         if row.broken:
             continue
-        task, errors = check_row(row, defaults, catalog, specs)
+        task, errors = check_row(row, defaults, catalog, specs, base)
         for message in errors:
             problems.add(row.line, message)
         if task is not None:
@@ -295,126 +233,50 @@ def validate_rows(rows: list[Row], defaults: Defaults, catalog: Catalog, problem
 
 
 def check_row(
-    row: Row, defaults: Defaults, catalog: Catalog, specs: dict[str, ModelSpec]
+    row: Row, defaults: Defaults, catalog: Catalog, specs: dict[str, ModelSpec], base_dir: Path | None = None
 ) -> tuple[Task | None, list[str]]:
     """One row -> (its task, []) or (None, every problem found in it)."""
-    errors: list[str] = []
     v = row.values
-
-    def get(key: str, default: Any = None) -> Any:
-        return default if _blank(v.get(key)) else v[key]
-
-    for key in v:
-        if key in NOT_YET and not _blank(v[key]):
-            errors.append(
-                f"column {key!r} is not supported yet: the batch CLI cannot apply {NOT_YET[key]}; "
-                "remove the column or leave it empty"
-            )
-        elif key not in COLUMNS and key not in NOT_YET:
-            errors.append(f"unknown column {key!r}; columns: {', '.join(COLUMNS)}")
-    model = get("model", defaults.model)
-    spec = None
+    errors: list[str] = []
+    unknown = [k for k in v if k not in COLUMNS]
+    for key in unknown:
+        errors.append(f"unknown column {key!r}; columns: {', '.join(COLUMNS)}")
+    model = defaults.model if blank(v.get("model")) else v["model"]
     if model is None:
-        errors.append("no model: give --model or a 'model' column")
-    elif not isinstance(model, str) or model not in catalog:
-        errors.append(f"unknown model {model!r}; available: {', '.join(catalog.names()) or 'none'}")
-    else:
-        spec = specs.setdefault(model, model_spec(catalog.get(model)))
-    prompt, negative, class_id = None, None, None
-    if spec is not None and spec.kind == "text-to-image":
-        prompt = get("prompt")
-        if prompt is None:
-            errors.append("empty prompt")
-        elif not isinstance(prompt, str):
-            errors.append(f"prompt must be text, got {type(prompt).__name__}")
-        elif len(prompt) > MAX_PROMPT_CHARS:
-            errors.append(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        negative = get("negative_prompt", defaults.negative_prompt)
-        if not isinstance(negative, str) or len(negative) > MAX_PROMPT_CHARS:
-            errors.append(f"negative_prompt must be text of at most {MAX_PROMPT_CHARS} characters")
-        if not _blank(v.get("class")):
-            errors.append(f"model {model} is text-to-image; the 'class' column is for class-to-image models")
-    elif spec is not None and spec.kind == "class-to-image":
-        if _blank(v.get("class")):
-            errors.append(f"model {model} is class-to-image: give a 'class' (name or id)")
-        else:
-            try:
-                class_id = _class_id(spec, v["class"])
-            except ValueError as e:
-                errors.append(str(e))
-        for key in ("prompt", "negative_prompt"):
-            if not _blank(v.get(key)):
-                errors.append(f"model {model} is class-to-image; it takes a 'class', not a '{key}'")
-    elif spec is not None:
-        errors.append(f"model {model} is a {spec.kind} model, which the batch CLI does not run yet")
-
-    def number(key: str, conv: Any, default: Any, lo: float, hi: float) -> Any:
-        raw = get(key, default)
-        if raw is None:
-            return None
-        try:
-            value = conv(raw, key)
-        except ValueError as e:
-            errors.append(str(e))
-            return None
-        if not lo <= value <= hi:
-            errors.append(f"{key} must be between {lo} and {hi}, got {value}")
-            return None
-        return value
-
-    seed = number("seed", _int, None, -1, 2**63 - 1 - MAX_COUNT)
-    steps = number("steps", _int, defaults.steps, 1, MAX_STEPS)
-    kind_guidance = 4.0 if spec is not None and spec.kind == "class-to-image" else 4.5
-    guidance = number("guidance", _float, defaults.guidance if defaults.guidance is not None else kind_guidance, 0, 100)
-    count = number("count", _int, defaults.count, 1, MAX_COUNT)
-    size = spec.default_size if spec is not None else None
-    width = number("width", _int, defaults.width or size, 1, MAX_SIDE)
-    height = number("height", _int, defaults.height or size, 1, MAX_SIDE)
-    if spec is not None:
-        for key, value in (("width", width), ("height", height)):
-            if value is not None and (value % spec.multiple or value < spec.multiple):
-                lower = max(spec.multiple, value - value % spec.multiple)
-                errors.append(
-                    f"{key} {value} is not a multiple of {spec.multiple}, which {spec.name} needs "
-                    f"(use {lower} or {lower + spec.multiple})"
-                )
-    scheduler = get("scheduler", defaults.scheduler)
-    if scheduler is not None and scheduler not in scheduler_names():
-        errors.append(f"unknown scheduler {scheduler!r}; choose one of {', '.join(scheduler_names())}")
+        return None, [*errors, "no model: give --model or a 'model' column"]
+    if not isinstance(model, str) or model not in catalog:
+        return None, [*errors, f"unknown model {model!r}; available: {', '.join(catalog.names()) or 'none'}"]
+    entry = catalog.get(model)
+    spec = specs.setdefault(model, model_spec(entry))
+    try:
+        kind = row_kind(spec.kind)
+    except InputError as e:
+        return None, [*errors, f"model {model}: {e}"]
+    for key in v:
+        if key in COLUMNS and key not in COMMON_COLUMNS and key not in kind.columns and not blank(v[key]):
+            errors.append(f"column {key!r} does not apply to {spec.kind} models like {model}; leave it empty")
+    check = RowCheck(v, defaults, spec, entry.path, base_dir or Path.cwd(), errors)
+    params = kind.check(check)
+    seed = check.number("seed", as_int, None, -1, 2**63 - 1 - MAX_COUNT)
+    count = check.number("count", as_int, defaults.count, 1, MAX_COUNT)
     if errors:
         return None, errors
     if seed is None or seed == -1:
         seed = derived_seed(defaults.seed, row.index)
-    return (
-        Task(
-            row=row.index,
-            line=row.line,
-            model=model,
-            kind=spec.kind,
-            prompt=prompt,
-            negative_prompt=negative,
-            class_label=class_id,
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            width=width,
-            height=height,
-            scheduler=scheduler,
-            count=count,
-        ),
-        [],
-    )
+    task = Task(row.index, row.line, model, spec.kind, seed, count, params, suffix=kind.suffix)
+    return task, []
 
 
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-def manifest_entry(task: Task, i: int, record: GenerationRecord) -> dict[str, Any]:
-    return {"file": task.file_name(i), "row": task.row, "line": task.line, "index": i, "record": record.to_dict()}
+def manifest_entry(task: Task, i: int, record: dict[str, Any], files: list[str] | None = None) -> dict[str, Any]:
+    files = files or [task.file_name(i)]
+    return {"file": files[0], "files": files, "row": task.row, "line": task.line, "index": i, "record": record}
 
 
 def read_manifests(out_dir: Path) -> dict[str, dict]:
-    """Entries of ``manifest.jsonl`` and any ``manifest.rank*.jsonl`` shards, by file (later lines win).
+    """Entries of ``manifest.jsonl`` and any ``manifest.rank*.jsonl`` shards, by output stem (later lines win).
 
     Partial last lines (a run killed while appending) are skipped.
     """
@@ -427,47 +289,39 @@ def read_manifests(out_dir: Path) -> dict[str, dict]:
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-                    entries[entry["file"]] = entry
+                    entries[Path(entry["file"]).stem] = entry
     return entries
 
 
-def _matches(task: Task, i: int, record: dict[str, Any] | None) -> bool:
-    """Whether a stored record was made from this row (so the image need not be regenerated)."""
-    if not isinstance(record, dict):
+def _matches(task: Task, i: int, record: Any) -> bool:
+    """Whether a stored record was made from this row's settings (so the output need not be made again)."""
+    if not isinstance(record, dict) or not isinstance(record.get("extra"), dict):
         return False
-    want = {
-        "model": task.model,
-        "prompt": task.prompt,
-        "negative_prompt": task.negative_prompt if task.prompt is not None else None,
-        "class_label": task.class_label,
-        "seed": task.seed + i,
-        "steps": task.steps,
-        "width": task.width,
-        "height": task.height,
-    }
-    if any(record.get(k) != v for k, v in want.items()):
-        return False
-    if task.scheduler is not None and record.get("scheduler") != task.scheduler:
-        return False
-    with contextlib.suppress(TypeError, ValueError):
-        return math.isclose(float(record.get("guidance_scale")), task.guidance, rel_tol=0, abs_tol=1e-9)
-    return False
+    return (
+        record["extra"].get(BATCH_KEY) == task.key
+        and record.get("seed") == task.seed + i
+        and record.get("model") == task.model
+    )
 
 
-def done_record(out_dir: Path, task: Task, i: int, manifest: dict[str, dict]) -> dict | None:
-    """The stored record of image ``i`` of ``task`` when its file exists and was made from this row."""
-    name = task.file_name(i)
-    path = out_dir / name
+def done_record(out_dir: Path, task: Task, i: int, manifest: dict[str, dict]) -> tuple[dict, list[str]] | None:
+    """(record, files) of output ``i`` of ``task`` when its files exist and were made from this row."""
+    kind = row_kind(task.kind)
+    stem = task.stem(i)
+    path = kind.record_file(out_dir, stem)
     if not path.is_file():
         return None
-    entry = manifest.get(name)
+    entry = manifest.get(stem)
     if entry is not None and _matches(task, i, entry.get("record")):
-        return entry["record"]
-    try:  # saved, but the run was killed before its manifest line was written
-        record = read_record(path).to_dict()
-    except (ValueError, OSError):
+        files = [f for f in entry.get("files") or [entry["file"]] if isinstance(f, str)]
+        if all((out_dir / f).is_file() for f in files):
+            return entry["record"], files
+    record = kind.read_record(path)  # saved, but the run was killed before its manifest line was written
+    if not _matches(task, i, record):
         return None
-    return record if _matches(task, i, record) else None
+    files = sorted(p.name for p in out_dir.glob(f"{stem}.*") if not p.name.startswith("."))
+    primary = [f for f in files if f.endswith(task.suffix)]
+    return record, primary + [f for f in files if f not in primary]
 
 
 def append_line(path: Path, entry: dict) -> None:
@@ -483,9 +337,9 @@ def write_manifest(out_dir: Path, tasks: list[Task]) -> int:
     lines = []
     for task in tasks:
         for i in range(task.count):
-            record = done_record(out_dir, task, i, stored)
-            if record is not None:
-                entry = {"file": task.file_name(i), "row": task.row, "line": task.line, "index": i, "record": record}
+            done = done_record(out_dir, task, i, stored)
+            if done is not None:
+                entry = manifest_entry(task, i, *done)
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
     tmp = out_dir / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -518,25 +372,22 @@ def plan_chunks(tasks: list[Task], batch_size: int) -> list[Chunk]:
     return chunks
 
 
-def run_chunk(pipe: Any, chunk: Chunk) -> list[tuple[Any, GenerationRecord]]:
+def run_chunk(pipe: Any, chunk: Chunk, base_attention: str | None = None) -> list[tuple[Any, GenerationRecord]]:
+    """Apply the row's attention (else the model's own, ``base_attention``) and LoRAs, then run the pipeline on
+    the chunk's seeds; (output, record) pairs."""
     task = chunk.task
-    kwargs: dict[str, Any] = dict(
-        num_inference_steps=task.steps,
-        guidance_scale=task.guidance,
-        height=task.height,
-        width=task.width,
-        num_images_per_prompt=len(chunk.indices),
-        seed=[task.seed + i for i in chunk.indices],
-        scheduler=task.scheduler,
-    )
-    if task.prompt is not None:
-        out = pipe(task.prompt, negative_prompt=task.negative_prompt or "", **kwargs)
-    else:
-        out = pipe(class_labels=[task.class_label], **kwargs)
-    records = list(out.records)
+    kind = row_kind(task.kind)
+    apply_attention(pipe, task.params.get("attention") or base_attention)
+    if "lora" in task.params:
+        from .lora import load_loras, loaded_loras
+
+        if task.params["lora"] or loaded_loras(pipe):
+            load_loras(pipe, [tuple(x) for x in task.params["lora"]])
+    outputs, records = kind.call(pipe, task, [task.seed + i for i in chunk.indices])
     for record, i in zip(records, chunk.indices):
-        record.batch_index = i  # the image's place in its row, whatever the chunking
-    return list(zip(out.images, records))
+        record.batch_index = i  # the output's place in its row, whatever the chunking
+        record.extra[BATCH_KEY] = task.key
+    return list(zip(outputs, records))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -551,12 +402,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", default="", help="default negative prompt")
     p.add_argument("--seed", type=int, default=0, help="base of the seeds derived for rows that give none")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None, help="default: 4.5 text, 4.0 class models")
+    p.add_argument("--guidance", type=float, default=None, help="default: 4.5 text, 4.0 class, 1.0 point-cloud models")
     p.add_argument("--width", type=int, default=None, help="default: the model's trained size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--scheduler", default=None, choices=scheduler_names(), help="default: the model's own")
-    p.add_argument("--count", type=int, default=1, help="images per row (rows may override)")
-    p.add_argument("--batch-size", type=int, default=1, help="images of a row made per pipeline call")
+    p.add_argument("--count", type=int, default=1, help="outputs per row (rows may override)")
+    p.add_argument("--batch-size", type=int, default=1, help="outputs of a row made per pipeline call")
     p.add_argument("--device", default=None, help="default: the accelerate process's device")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--dry-run", action="store_true", help="validate the whole file, report, load no model")
@@ -611,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     problems = Problems(str(args.prompts))
     rows = read_rows(args.prompts, problems)
-    tasks = validate_rows(rows, defaults, catalog, problems)
+    tasks = validate_rows(rows, defaults, catalog, problems, args.prompts.resolve().parent)
     if problems:
         say(f"dit-batch: {len(problems.items)} problem(s) in {args.prompts}; nothing was generated:", file=sys.stderr)
         say(problems.report(), file=sys.stderr)
@@ -623,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifests(out_dir) if out_dir.is_dir() else {}
     done = sum(done_record(out_dir, t, i, manifest) is not None for t in tasks for i in range(t.count))
     models = list(OrderedDict.fromkeys(t.model for t in tasks))
-    say(f"{len(tasks)} rows, {total} images ({done} already in {out_dir}), models: {', '.join(models)}")
+    say(f"{len(tasks)} rows, {total} outputs ({done} already in {out_dir}), models: {', '.join(models)}")
     if args.dry_run:
         say("dry run: the file is valid; nothing was generated.")
         return 0
@@ -664,38 +515,50 @@ def generate(args: argparse.Namespace, catalog: Catalog, tasks: list[Task], out_
     bar = tqdm(
         total=sum(len(m) for _, m in pending),
         desc=f"rank {rank}" if world > 1 else "dit-batch",
-        unit="img",
+        unit="out",
         position=rank,
         disable=args.quiet,
     )
     status = 0
-    pipe, pipe_model = None, None
+    pipe, pipe_model, base_attention, failed_models = None, None, None, set()
     try:
         for chunk, missing in pending:
-            if chunk.task.model != pipe_model:
+            task = chunk.task
+            if task.model in failed_models:
+                continue
+            if task.model != pipe_model:
                 pipe = None
-                pipe = load_pipeline(
-                    chunk.task.model, torch_dtype=getattr(torch, args.dtype), device=device, catalog=catalog
-                )
+                try:
+                    dtype = getattr(torch, args.dtype)
+                    pipe = load_pipeline(task.model, torch_dtype=dtype, device=device, catalog=catalog)
+                except (InputError, ModelLoadError) as e:
+                    print(f"dit-batch (rank {rank}): cannot load {task.model}; its rows skipped: {e}", file=sys.stderr)
+                    failed_models.add(task.model)
+                    status = 1
+                    continue
                 pipe.set_progress_bar_config(disable=True)
-                pipe_model = chunk.task.model
-            for image, record in run_chunk(pipe, chunk):
+                pipe_model, base_attention = task.model, pipe.attention_label()
+            try:
+                results = run_chunk(pipe, chunk, base_attention)
+            except (InputError, ModelLoadError, ValueError) as e:  # ValueError: attention/LoRA fit, named in e
+                print(f"dit-batch: {args.prompts}:{task.line}: row {task.row} failed, skipped: {e}", file=sys.stderr)
+                status = 1
+                continue
+            kind = row_kind(task.kind)
+            for output, record in results:
                 i = record.batch_index
                 if i not in missing:
-                    continue  # done by an earlier run: its file is left untouched
-                save_png(image, out_dir / chunk.task.file_name(i), record)
-                append_line(shard, manifest_entry(chunk.task, i, record))
+                    continue  # done by an earlier run: its files are left untouched
+                files = kind.save(output, out_dir, task.stem(i), record)
+                append_line(shard, manifest_entry(task, i, record.to_dict(), [Path(f).name for f in files]))
                 bar.update()
-    except (InputError, ModelLoadError) as e:
-        print(f"dit-batch (rank {rank}): {e}", file=sys.stderr)
-        status = 1
     finally:
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
         n = write_manifest(out_dir, tasks)
         who = f"{world} processes" if world > 1 else "1 process"
-        print(f"{n}/{sum(t.count for t in tasks)} images in {out_dir} ({who}; manifest: {out_dir / MANIFEST})")
+        print(f"{n}/{sum(t.count for t in tasks)} outputs in {out_dir} ({who}; manifest: {out_dir / MANIFEST})")
     state.wait_for_everyone()
     return status
 

@@ -195,7 +195,7 @@ def run_control(
     with _CANCEL_LOCK:
         cancel = _CANCEL.setdefault(session, threading.Event())
     cancel.clear()
-    lock = service._lock_for(model)
+    lock = service.model_lock(model)
     start = time.perf_counter()
     with lock:
         pipe = check_control_pipeline(service.pipeline(model))
@@ -226,8 +226,8 @@ def run_control(
         )
     if out.interrupted:
         return [], seed, "Stopped; no image was saved.", {}
-    paths = [service._save(image, record) for image, record in zip(out.images, out.records)]
-    service._remember(session, paths, out.records)
+    paths = [service.save_image(image, record) for image, record in zip(out.images, out.records)]
+    service.remember(session, paths, out.records)
     names = ", ".join(f"{c.adapter} {c.strength:g}" for c in controls) or "no control"
     status = f"{len(paths)} image(s) in {time.perf_counter() - start:.1f} s · seed {seed} · {names}"
     return [str(p) for p in paths], seed, status, out.records[0].to_dict()

@@ -72,7 +72,6 @@ class PointCloudRunner:
 
     def __init__(self, service: Any):
         self.service = service
-        self._locks: dict[str, threading.Lock] = {}
         self._cancels: dict[str, set[threading.Event]] = {}
         self._guard = threading.Lock()
 
@@ -126,10 +125,6 @@ class PointCloudRunner:
             raise InputError(f"Count must be between 1 and {MAX_COUNT}, got {out.count}.")
         return out
 
-    def _lock(self, model: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(model, threading.Lock())
-
     def cancel(self, session: str) -> int:
         with self._guard:
             events = list(self._cancels.get(session, ()))
@@ -145,7 +140,7 @@ class PointCloudRunner:
 
         with self._guard:
             self._cancels.setdefault(session, set()).add(cancel)
-        lock = self._lock(req.model)
+        lock = self.service.model_lock(req.model)  # shared with every other user of the pipeline
         try:
             while not lock.acquire(timeout=0.2):
                 if cancel.is_set():

@@ -74,6 +74,11 @@ class ModelSpec:
     default_size: int  # the trained resolution in pixels
     labels: dict[str, int] = field(default_factory=dict)  # class name -> id (class-to-image)
     num_classes: int | None = None
+    pipeline_class: str | None = None  # model_index.json's _class_name
+    # Generators with a fixed schedule (VAR: one step per scale of its token pyramid) run exactly this many steps
+    # at exactly ``default_size``; forms and batch rows do not offer steps, scheduler or size for them.
+    fixed_steps: int | None = None
+    default_points: int | None = None  # point-cloud models: the points per cloud they were trained with
 
     @property
     def max_side(self) -> int:
@@ -116,8 +121,13 @@ def model_spec(entry: CatalogEntry) -> ModelSpec:
             if name.strip() and str(key).isdigit():
                 labels.setdefault(name.strip(), int(key))
     num_classes = transformer.get("num_classes") or transformer.get("num_embeds_ada_norm")
-    if entry.kind != "class-to-image":
+    if entry.kind not in ("class-to-image", "point-cloud"):
         num_classes = None
+    pipeline_class = index.get("_class_name")
+    fixed_steps = None
+    if pipeline_class == "VARPipeline" and isinstance(transformer.get("patch_nums"), list):
+        fixed_steps = len(transformer["patch_nums"])
+    points = index.get("num_points")
     return ModelSpec(
         name=entry.name,
         kind=entry.kind,
@@ -125,6 +135,9 @@ def model_spec(entry: CatalogEntry) -> ModelSpec:
         default_size=sample * vae_factor,
         labels=dict(sorted(labels.items(), key=lambda kv: (kv[1], kv[0]))),
         num_classes=int(num_classes) if num_classes else None,
+        pipeline_class=pipeline_class if isinstance(pipeline_class, str) else None,
+        fixed_steps=fixed_steps,
+        default_points=int(points) if isinstance(points, int) and not isinstance(points, bool) else None,
     )
 
 
@@ -153,6 +166,21 @@ def attention_variants() -> list[str]:
     except Exception:  # a broken optional backend must not take the UI down
         return ["sdpa"]
     return variants or ["sdpa"]
+
+
+def apply_attention(pipe: Any, variant: str | None) -> None:
+    """Put attention ``variant`` (a label such as ``agentsd[ratio=0.5]``) on ``pipe``'s transformer unless it is
+    already there; errors become :class:`InputError` naming the fix. ``None`` keeps what the pipeline has."""
+    if variant is None or variant == pipe.attention_label():
+        return
+    try:
+        from dit.attention import set_attention  # type: ignore[import-not-found]
+    except ImportError:
+        raise InputError(f"Attention variant {variant!r} cannot be set on this model yet.") from None
+    try:
+        set_attention(pipe.transformer, variant)
+    except ValueError as e:  # dit.attention.AttentionConfigError: the message names the fix
+        raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -455,7 +483,9 @@ class GenerationService:
         raise InputError(f"Unknown class {label!r} for {spec.name}. Classes: {shown}.")
 
     # ---- model cache --------------------------------------------------------------------------------
-    def _lock_for(self, model: str) -> threading.Lock:
+    def model_lock(self, model: str) -> threading.Lock:
+        """The lock every user of ``model``'s pipeline holds while calling it (form tabs, API, other kinds' tabs):
+        a pipeline keeps per-call state (interrupt flag, loaded adapters, attention processors)."""
         with self._cache_lock:
             return self._model_locks.setdefault(model, threading.Lock())
 
@@ -537,7 +567,7 @@ class GenerationService:
         req = job.request
         start = time.perf_counter()
         total = req.steps * req.batch_count
-        lock = self._lock_for(req.model)
+        lock = self.model_lock(req.model)
         if not lock.acquire(blocking=False):
             job.post(Progress(0, total, message=f"Waiting for {req.model} (busy with another request)..."))
             while not lock.acquire(timeout=0.2):
@@ -549,7 +579,7 @@ class GenerationService:
             if req.model not in self.loaded_models():
                 job.post(Progress(0, total, message=f"Loading {req.model}..."))
             pipe = self.pipeline(req.model)
-            self._set_attention(pipe, req.attention)
+            apply_attention(pipe, req.attention)
             with self._lora(pipe, req):
                 return self._sample(job, pipe, preview_every, start)
         finally:
@@ -600,31 +630,19 @@ class GenerationService:
             if out.interrupted:
                 interrupted = True
                 break
-            saved = [self._save(image, record) for image, record in zip(out.images, out.records)]
+            saved = [self.save_image(image, record) for image, record in zip(out.images, out.records)]
             paths += saved
             records += out.records
             seeds += list(out.seeds or [])
-            self._remember(job.session, saved, out.records)
+            self.remember(job.session, saved, out.records)
             job.post(ImagesSaved(saved, list(out.records)))
         return GenerationResult(paths, records, seeds, interrupted, done, total, time.perf_counter() - start)
 
-    def _save(self, image: Any, record: GenerationRecord) -> Path:
+    def save_image(self, image: Any, record: GenerationRecord) -> Path:
+        """Save into the dated output folder under a unique name, with the record; the absolute path."""
         day = time.strftime("%Y-%m-%d")
         name = f"{time.strftime('%H%M%S')}-{next(self._counter):05d}-{record.seed}.png"
         return save_png(image, self.output_dir / day / name, record).resolve()
-
-    @staticmethod
-    def _set_attention(pipe: Any, variant: str) -> None:
-        if variant == pipe.attention_label():
-            return
-        try:
-            from dit.attention import set_attention  # type: ignore[import-not-found]
-        except ImportError:
-            raise InputError(f"Attention variant {variant!r} cannot be set on this model yet.") from None
-        try:
-            set_attention(pipe.transformer, variant)
-        except ValueError as e:  # dit.attention.AttentionConfigError: the message names the fix
-            raise InputError(str(e)) from None
 
     @contextlib.contextmanager
     def _lora(self, pipe: Any, req: GenerationRequest) -> Iterator[None]:
@@ -678,7 +696,8 @@ class GenerationService:
                 pipe.unload_lora_weights()
 
     # ---- history ------------------------------------------------------------------------------------
-    def _remember(self, session: str, paths: list[Path], records: list[GenerationRecord]) -> None:
+    def remember(self, session: str, paths: list[Path], records: list[GenerationRecord]) -> None:
+        """Add saved files to ``session``'s history (what the History tab lists)."""
         with self._history_lock:
             entries = self._history.setdefault(session, deque(maxlen=HISTORY_PER_SESSION))
             self._history.move_to_end(session)

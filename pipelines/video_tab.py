@@ -25,7 +25,7 @@ import gradio as gr
 from .errors import InputError, ModelLoadError
 from .metadata import GenerationRecord
 from .schedulers import scheduler_names
-from .service import MAX_SEED, MAX_STEPS, GenerationService, attention_variants
+from .service import MAX_SEED, MAX_STEPS, GenerationService, apply_attention, attention_variants
 from .ui_tabs import DEFAULT_SCHEDULER, TabContext, TabHandle, register_tab, session_of, user_error
 
 #: UI label -> task. The first is the default: the use the shipped model is made for.
@@ -42,12 +42,6 @@ MAX_INPUT_FRAMES = 256
 
 _cancel: dict[str, threading.Event] = {}
 _cancel_lock = threading.Lock()
-
-
-def _model_lock(service: GenerationService, model: str) -> Any:
-    """The service's per-model lock, so the video tab and other users of a pipeline never interleave."""
-    lock_for = getattr(service, "_lock_for", None)
-    return lock_for(model) if lock_for is not None else threading.Lock()
 
 
 def _read_upload(files: Any) -> tuple[list[Any] | None, float | None]:
@@ -108,12 +102,9 @@ def run_video(
         _cancel[session] = cancel
     start = time.perf_counter()
     try:
-        with _model_lock(service, model):
+        with service.model_lock(model):  # never interleave with other users of the pipeline
             pipe = service.pipeline(model)
-            if attention != pipe.attention_label():
-                from dit.attention import set_attention  # only reached when dit.attention offered the variant
-
-                set_attention(pipe.transformer, attention)
+            apply_attention(pipe, attention)
             t = pipe.num_frames
             kwargs: dict[str, Any] = dict(task=task, video=frames, num_inference_steps=steps, seed=seed)
             kwargs["scheduler"] = sched

@@ -98,7 +98,7 @@ def test_dry_run_reports_every_bad_row_with_its_line(tmp_path, tiny_models_dir, 
                 '{"prompt": "a red cat"}',  # 1 fine
                 '{"prompt": "x", "steps": "many", "width": 7}',  # 2 two problems
                 "{not json",  # 3
-                '{"prompt": "sun", "control_image": "edges.png"}',  # 4 not supported yet
+                '{"prompt": "sun", "control_image": "edges.png"}',  # 4 a control column on a text-to-image model
                 "",  # 5 blank: skipped
                 '{"class": "food"}',  # 6 class for a text model
                 '{"model": "tiny-c2i", "class": "dragons"}',  # 7 unknown class
@@ -118,7 +118,7 @@ def test_dry_run_reports_every_bad_row_with_its_line(tmp_path, tiny_models_dir, 
     expected = {
         2: ["steps must be an integer", "width 7 is not a multiple of 2"],
         3: ["not valid JSON"],
-        4: ["column 'control_image' is not supported yet"],
+        4: ["column 'control_image' does not apply to text-to-image models"],
         6: ["'class' column is for class-to-image"],
         7: ["unknown class 'dragons'"],
         8: ["unknown model 'nope'"],
@@ -149,7 +149,7 @@ def test_dry_run_reports_every_bad_row_with_its_line(tmp_path, tiny_models_dir, 
             "--dry-run",
         ]
     )
-    assert rc == 0 and "1 rows, 2 images" in capsys.readouterr().out
+    assert rc == 0 and "1 rows, 2 outputs" in capsys.readouterr().out
     assert not out.exists()
 
 
