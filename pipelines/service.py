@@ -82,9 +82,16 @@ class ModelSpec:
 
     @property
     def max_side(self) -> int:
-        """Largest height/width served: 4x the trained side (16x its area), within ``MAX_SIDE``."""
+        """Largest height/width served: 4x the trained side (16x its area), within ``MAX_SIDE``; a fixed-schedule
+        model (VAR) serves only its trained size."""
+        if self.fixed_steps is not None:
+            return self.default_size
         limit = min(MAX_SIDE, 4 * self.default_size)
         return max(self.multiple, limit - limit % self.multiple)
+
+    @property
+    def min_side(self) -> int:
+        return self.default_size if self.fixed_steps is not None else self.multiple
 
     def class_choices(self) -> list[str]:
         """Class names ordered by id, or ids as strings when the model has no names."""
@@ -414,11 +421,12 @@ class GenerationService:
             out.prompt = out.negative_prompt = None
         else:
             raise InputError(f"Model {req.model!r} is a {spec.kind} model; this request is for image generators.")
-        if req.scheduler in (None, "", "default"):
-            out.scheduler = None
+        if req.scheduler in (None, "", "default") or spec.fixed_steps is not None:
+            out.scheduler = None  # a fixed-schedule model (VAR) has no scheduler to choose
         elif req.scheduler not in scheduler_names():
             raise InputError(f"Unknown scheduler {req.scheduler!r}. Choose one of: {', '.join(scheduler_names())}.")
-        out.steps = _as_int(req.steps, "Steps")
+        # VAR runs one step per scale whatever the form says; progress and records count those steps
+        out.steps = spec.fixed_steps or _as_int(req.steps, "Steps")
         if not 1 <= out.steps <= MAX_STEPS:
             raise InputError(f"Steps must be between 1 and {MAX_STEPS}, got {out.steps}.")
         out.guidance_scale = _as_float(req.guidance_scale, "Guidance scale")
@@ -428,6 +436,8 @@ class GenerationService:
         out.height = spec.default_size if req.height in (None, 0) else _as_int(req.height, "Height")
         m = spec.multiple
         for what, v in (("Width", out.width), ("Height", out.height)):
+            if spec.min_side == spec.max_side and v != spec.max_side:
+                raise InputError(f"{spec.name} generates only {spec.max_side}x{spec.max_side} images; {what} is {v}.")
             if not m <= v <= spec.max_side:
                 raise InputError(f"{what} must be between {m} and {spec.max_side} pixels for {spec.name}, got {v}.")
             if v % m:

@@ -152,8 +152,32 @@ def user_error(e: BaseException) -> gr.Error:
     return gr.Error(str(e), print_exception=False)
 
 
+def steps_state(spec: ModelSpec, steps: int = 20) -> dict[str, Any]:
+    """The steps slider for ``spec``: free, or fixed and greyed out for a fixed-schedule model (VAR)."""
+    if spec.fixed_steps is not None:
+        return {"value": spec.fixed_steps, "interactive": False}
+    return {"value": steps, "interactive": True}
+
+
+def size_state(spec: ModelSpec) -> dict[str, Any]:
+    """A width/height slider over the sizes ``spec`` serves; greyed out at its own size for VAR (Gradio needs a
+    non-empty range, so that slider spans one multiple below it)."""
+    return dict(
+        minimum=spec.min_side if spec.min_side < spec.max_side else max(0, spec.max_side - spec.multiple),
+        maximum=spec.max_side,
+        step=spec.multiple,
+        value=spec.default_size,
+        interactive=spec.min_side < spec.max_side,
+    )
+
+
 def model_markdown(spec: ModelSpec) -> str:
     text = f"**{spec.name}** · {spec.kind} · trained at {spec.default_size}px · sizes in steps of {spec.multiple}px"
+    if spec.fixed_steps is not None:
+        text = (
+            f"**{spec.name}** · {spec.kind} · next-scale prediction: {spec.fixed_steps} steps (one per scale), "
+            f"{spec.default_size}px only"
+        )
     if spec.kind == "class-to-image":
         text += f" · {len(spec.class_choices())} classes"
     return text
@@ -272,16 +296,23 @@ def build_image_tab(ctx: TabContext) -> TabHandle:
             with gr.Accordion("Sampling", open=True):
                 with gr.Row():
                     scheduler = gr.Dropdown(
-                        [DEFAULT_SCHEDULER, *scheduler_names()], value=DEFAULT_SCHEDULER, label="Scheduler"
+                        [DEFAULT_SCHEDULER, *scheduler_names()],
+                        value=DEFAULT_SCHEDULER,
+                        label="Scheduler",
+                        interactive=spec0.fixed_steps is None,
                     )
-                    steps = gr.Slider(1, UI_MAX_STEPS, value=20, step=1, label="Steps")
+                    steps = gr.Slider(1, UI_MAX_STEPS, step=1, label="Steps", **steps_state(spec0))
                     guidance = gr.Slider(0, 20, value=default_guidance, step=0.1, label="Guidance (CFG)")
                 with gr.Row():
-                    aspect = gr.Dropdown(list(ASPECT_PRESETS), value="1:1", label="Aspect", scale=1)
-                    lo = min(s.multiple for s in specs.values())
-                    hi = max(s.max_side for s in specs.values())
-                    width = gr.Slider(lo, hi, value=spec0.default_size, step=spec0.multiple, label="Width", scale=2)
-                    height = gr.Slider(lo, hi, value=spec0.default_size, step=spec0.multiple, label="Height", scale=2)
+                    aspect = gr.Dropdown(
+                        list(ASPECT_PRESETS),
+                        value="1:1",
+                        label="Aspect",
+                        scale=1,
+                        interactive=spec0.fixed_steps is None,
+                    )
+                    width = gr.Slider(label="Width", scale=2, **size_state(spec0))
+                    height = gr.Slider(label="Height", scale=2, **size_state(spec0))
                 with gr.Row():
                     seed = gr.Number(-1, label="Seed", info="-1: random", precision=0, minimum=-1, maximum=MAX_SEED)
                     randomize = gr.Button("Random seed", size="sm", min_width=60)
@@ -429,10 +460,17 @@ def build_image_tab(ctx: TabContext) -> TabHandle:
 
     def on_model(name: str) -> tuple:
         if name not in specs:
-            return (gr.skip(),) * (4 if is_text else 5)
+            return (gr.skip(),) * (6 if is_text else 7)
         spec = specs[name]
-        size = dict(minimum=spec.multiple, maximum=spec.max_side, step=spec.multiple, value=spec.default_size)
-        updates = (model_markdown(spec), gr.update(**size), gr.update(**size), "1:1")
+        free = spec.fixed_steps is None
+        updates = (
+            model_markdown(spec),
+            gr.update(**size_state(spec)),
+            gr.update(**size_state(spec)),
+            gr.update(value="1:1", interactive=free),
+            gr.update(**steps_state(spec)),
+            gr.update(interactive=free) if free else gr.update(value=DEFAULT_SCHEDULER, interactive=False),
+        )
         if not is_text:
             choices = spec.class_choices()
             updates += (gr.update(choices=choices, value=choices[0] if choices else None),)
@@ -441,7 +479,7 @@ def build_image_tab(ctx: TabContext) -> TabHandle:
     model.input(
         on_model,
         model,
-        [model_info, width, height, aspect] + ([] if is_text else [klass]),
+        [model_info, width, height, aspect, steps, scheduler] + ([] if is_text else [klass]),
         api_visibility="private",
         queue=False,
     )

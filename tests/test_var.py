@@ -414,9 +414,23 @@ def test_saved_pipeline_loads_through_the_registry_and_serves_the_ui(pipe, tmp_p
             model="tiny-var", class_label="animals", steps=20, seed=4, guidance_scale=4.0, kind="class-to-image"
         )
     )
+    totals = {event.total for event in job.events() if hasattr(event, "total")}
     result = job.wait(60)
     assert len(result.paths) == 1 and result.records[0].steps == 3
+    # the form's 20 steps became VAR's 3 scales before the job started: progress counts the steps that run
+    assert totals == {3} and (result.steps_done, result.steps_total) == (3, 3)
     np.testing.assert_array_equal(np.asarray(Image.open(result.paths[0])), (a[0] * 255).round().astype(np.uint8))
+    assert (spec.fixed_steps, spec.min_side, spec.max_side) == (3, 8, 8)  # the UI offers only these
+    with pytest.raises(InputError, match="generates only 8x8 images"):
+        service.validate(GenerationRequest(model="tiny-var", class_label=0, width=16))
+    assert service.validate(GenerationRequest(model="tiny-var", class_label=0, scheduler="ddim")).scheduler is None
+
+    import app
+
+    demo = app.build_demo(service)  # the class tab opens on VAR: a fixed steps slider and a one-size range
+    sliders = {c.label: c for c in demo.blocks.values() if type(c).__name__ == "Slider"}
+    assert (sliders["Steps"].value, sliders["Steps"].interactive) == (3, False)
+    assert (sliders["Width"].value, sliders["Width"].maximum, sliders["Width"].interactive) == (8, 8, False)
 
 
 # ---------------------------------------------------------------------------------------------- training
