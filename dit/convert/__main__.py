@@ -2,6 +2,9 @@
 
 Writes only ``OUT_DIR/transformer/`` (config.json + safetensors + conversion.json). The VAE, text encoder,
 tokenizer and scheduler are ordinary diffusers downloads; the printed message names the hub ids to combine.
+
+The backbone kinds ``var``, ``dimr`` and ``vdt`` (``cli_backbones.py``) write a whole pipeline directory when given
+the VAE (``--vae``: VAR's official VQ-VAE file; the SD VAE folder for DiMR and VDT), else ``OUT_DIR/transformer/``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .cli_backbones import BACKBONE_KINDS, add_backbone_arguments, convert_backbone
 from .common import save_transformer, sha256_of
 from .dit_original import convert_diffusers_dit, convert_dit_original
 from .pixart_original import convert_pixart_original
@@ -48,19 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Only OUT_DIR/transformer/ is written: the VAE and text encoder are separate diffusers downloads. "
             "DiT: combine with the VAE stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse). PixArt-alpha: text encoder, "
             "tokenizer and VAE from PixArt-alpha/PixArt-XL-2-512x512. PixArt-sigma: from "
-            "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers."
+            "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers. var/dimr/vdt: with --vae a whole pipeline is written "
+            "(python -m dit.convert var var_d16.pth OUT --vae vae_ch160v4096z32.pth)."
         ),
     )
-    parser.add_argument("kind", choices=["dit", "dit-diffusers", "pixart"], help="source layout")
+    parser.add_argument("kind", choices=["dit", "dit-diffusers", "pixart", *BACKBONE_KINDS], help="source layout")
     parser.add_argument("src", type=Path, help="checkpoint file (.pt/.pth/.bin/.safetensors) or diffusers folder")
     parser.add_argument("out_dir", type=Path, help="output folder; the model goes to OUT_DIR/transformer/")
-    parser.add_argument("--config", dest="config_name", help="DiT config name, e.g. DiT-XL/2 (dit only)")
+    parser.add_argument(
+        "--config", dest="config_name", help="config name to check against: DiT-XL/2 (dit), DiMR-XL/2R, VDT-L/2"
+    )
     parser.add_argument("--image-size", type=int, help="training image size in pixels (latent = size / 8)")
     parser.add_argument("--version", choices=["alpha", "sigma"], help="PixArt version (decides pe interpolation)")
     parser.add_argument("--num-heads", type=int, help="attention heads, if not the standard ones for the width")
     parser.add_argument("--interpolation-scale", type=float, help="PixArt position interpolation override")
     parser.add_argument("--non-ema", action="store_true", help="use the raw weights where a file has EMA and raw")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="save in this dtype (default: as is)")
+    add_backbone_arguments(parser)  # var / dimr / vdt: --vae, --id2label (dit/convert/cli_backbones.py)
     return parser
 
 
@@ -90,6 +98,18 @@ def convert(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any], 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.kind in BACKBONE_KINDS or args.vae is not None or args.id2label is not None:
+        try:
+            if args.kind not in BACKBONE_KINDS:
+                raise ValueError(
+                    f"--vae and --id2label apply to the kinds {', '.join(BACKBONE_KINDS)}, not {args.kind}"
+                )
+            _, message = convert_backbone(args)
+        except (CheckpointFormatError, UnsafeCheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(message)
+        return 0
     try:
         model, record, companions = convert(args)
     except (CheckpointFormatError, UnsafeCheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
