@@ -1,4 +1,9 @@
-"""Control-image generation: a text-to-image pipeline plus EasyControl adapters (``control.easycontrol``).
+"""Control-image generation: a text-to-image pipeline plus control adapters of three kinds, chosen by the file.
+
+* ``easycontrol`` (``control.easycontrol``): condition tokens + condition-only LoRA, K/V cached;
+* ``controlnet`` (``control.controlnet_transformer``): PixArt-δ's ControlNet-Transformer, copied blocks whose outputs
+  are added to the base blocks;
+* ``relactrl`` (``control.relactrl``): RelaCtrl's relevance-placed control blocks with the shuffle mixer.
 
     from pipelines import load_pipeline
     pipe = load_pipeline("emoji-t2i-control")                       # a directory with controls/*.safetensors
@@ -17,13 +22,16 @@ control is exactly a text-to-image call (same images for the same seed).
 
 A control image goes through: any image source -> centre crop to the output's aspect ratio (so the map is not
 distorted; EasyControl's position interpolation then spreads it over the whole canvas) -> resize to the control size
-(the adapter's recorded training size by default) -> the named preprocessor (``control.preprocessors``; ``None``:
-the image already is a control map, ``"auto"``: the adapter's recorded preprocessor) -> VAE latents (or pixels for
-pixel-space models). Conditions apply to every image of the call; per-image controls are separate calls.
+(EasyControl: the adapter's recorded training size by default; ControlNet-Transformer and RelaCtrl: the
+generation's width x height, as their residuals are added token by token) -> the named preprocessor
+(``control.preprocessors``; ``None``: the image already is a control map, ``"auto"``: the adapter's recorded
+preprocessor) -> VAE latents (or pixels for pixel-space models). Conditions apply to every image of the call;
+per-image controls are separate calls.
 
 Adapters are registered by name: the pipeline directory's ``controls/*.safetensors`` are registered when it is
 loaded, :meth:`register_control_adapter` adds more; Python callers may also pass a file path. The UI and the batch
-CLI only ever pass names.
+CLI only ever pass names; the kind is read from the file's ``adapter_type``, so every caller gets every kind.
+Adapters of different kinds compose in one call (EasyControl conditions as extra tokens, the others as residuals).
 """
 
 from __future__ import annotations
@@ -82,14 +90,15 @@ def fit_to_aspect(image: PIL.Image.Image, width: int, height: int) -> tuple[int,
 
 def make_control_map(
     image: Any,
-    size: int,
+    size: int | tuple[int, int],
     width: int,
     height: int,
     preprocessor: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> PIL.Image.Image:
     """Any image -> the control map of a ``width`` x ``height`` generation: centre crop to that aspect, resize to
-    ``size`` x ``size`` (the fixed condition size; positions are interpolated later), then the preprocessor.
+    ``size`` x ``size`` (the fixed condition size; positions are interpolated later) or to ``size = (w, h)``
+    (ControlNet-Transformer / RelaCtrl: the generation's size), then the preprocessor.
 
     An inpainting ``mask`` image of the same size as ``image`` is cropped with it; masks of other sizes are resized.
     """
@@ -98,14 +107,15 @@ def make_control_map(
     img = load_control_image(image)
     box = fit_to_aspect(img, width, height)
     img_size = img.size
-    img = img.crop(box).resize((size, size), PIL.Image.Resampling.LANCZOS)
+    target = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    img = img.crop(box).resize(target, PIL.Image.Resampling.LANCZOS)
     params = dict(params or {})
     mask = params.get("mask")
     if mask is not None and not isinstance(mask, (str, np.ndarray)):  # arrays: resized by the preprocessor
         m = mask if isinstance(mask, PIL.Image.Image) else load_control_image(mask, "inpainting mask")
         if m.size == img_size:
             m = m.crop(box)
-        params["mask"] = m.resize((size, size), PIL.Image.Resampling.NEAREST)
+        params["mask"] = m.resize(target, PIL.Image.Resampling.NEAREST)
     return run_preprocessor(preprocessor, img, **params)
 
 
@@ -129,8 +139,25 @@ def _image_digest(image: PIL.Image.Image) -> str:
     return hashlib.sha256(np.asarray(image).tobytes() + repr(image.size).encode()).hexdigest()[:10]
 
 
+def adapter_kind(metadata: dict[str, str]) -> str:
+    """An adapter file's kind from its metadata: ``easycontrol`` (also files without ``adapter_type``),
+    ``controlnet`` or ``relactrl``."""
+    kind = metadata.get("adapter_type") or "easycontrol"
+    return kind
+
+
+def control_map_size(kind: str, recorded: int | None, width: int, height: int, default: int) -> int | tuple[int, int]:
+    """The size a control map is made at: (width, height) for the residual kinds, else the recorded/default size."""
+    from control.controlnet_transformer import RESIDUAL_KINDS
+
+    if kind in RESIDUAL_KINDS:
+        return (int(width), int(height))
+    return int(recorded or default)
+
+
 class ControlTextToImagePipeline(TextToImagePipeline):
-    """Text-to-image with EasyControl condition images (see the module docstring). Kind ``"control"``."""
+    """Text-to-image with control images (EasyControl, ControlNet-Transformer, RelaCtrl adapters; see the module
+    docstring). Kind ``"control"``."""
 
     kind = "control"
 
@@ -186,10 +213,16 @@ class ControlTextToImagePipeline(TextToImagePipeline):
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """Save the pipeline without adapter weights in the transformer, and the registered adapters in controls/."""
+        from control.controlnet_transformer import BlockControl
         from control.easycontrol import EasyControl
 
         ec = EasyControl.of(self.transformer)
-        with ec.detached() if ec is not None else contextlib.nullcontext():
+        bc = BlockControl.of(self.transformer)
+        with contextlib.ExitStack() as stack:
+            if ec is not None:
+                stack.enter_context(ec.detached())
+            if bc is not None:
+                stack.enter_context(bc.detached())
             super().save_pretrained(save_directory, **kwargs)
         if self._control_files:
             target = Path(save_directory) / CONTROLS_DIR
@@ -202,9 +235,12 @@ class ControlTextToImagePipeline(TextToImagePipeline):
     # ---- adapters -----------------------------------------------------------------------------------
     def register_control_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Make an adapter file available under ``name`` (default: the file stem), after checking it fits."""
+        from control.controlnet_transformer import RESIDUAL_KINDS, file_adapter_type
         from control.easycontrol import ControlAdapterError, check_adapter_file
         from pipelines.lora import LoraLoadError, read_lora
 
+        if file_adapter_type(path) in RESIDUAL_KINDS:
+            return self._register_residual_adapter(path, name)
         try:
             lora = read_lora(path)
         except LoraLoadError as e:
@@ -215,6 +251,28 @@ class ControlTextToImagePipeline(TextToImagePipeline):
             raise ControlAdapterError(f"Control adapter name {name!r} must be non-empty and without dots.")
         self._control_files[name] = lora.path
         self._control_meta[name] = dict(lora.metadata)
+        return name
+
+    def _register_residual_adapter(self, path: str | Path, name: str | None) -> str:
+        from control.controlnet_transformer import base_blocks, inner_dim, read_residual_adapter
+        from control.easycontrol import ControlAdapterError
+
+        file = read_residual_adapter(path)
+        meta = file.metadata
+        trained = f" It was trained on {meta['base_model']}." if meta.get("base_model") else ""
+        dim, layers = inner_dim(self.transformer), len(base_blocks(self.transformer))
+        if meta.get("base_inner_dim", str(dim)) != str(dim) or meta.get("base_num_layers", str(layers)) != str(layers):
+            raise ControlAdapterError(
+                f"Control adapter {file.path} is a {file.kind} adapter for a model of width "
+                f"{meta.get('base_inner_dim')} with {meta.get('base_num_layers', '?')} blocks; this "
+                f"{type(self.transformer).__name__} has width {dim} and {layers} blocks.{trained} Use an adapter "
+                "trained on this base model."
+            )
+        name = name or file.path.stem
+        if not name or "." in name:
+            raise ControlAdapterError(f"Control adapter name {name!r} must be non-empty and without dots.")
+        self._control_files[name] = file.path
+        self._control_meta[name] = dict(meta)
         return name
 
     def register_control_adapters(self, directory: str | Path) -> list[str]:
@@ -230,10 +288,11 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         return names
 
     def control_adapters(self) -> dict[str, dict[str, Any]]:
-        """Registered adapters: name -> preprocessor, control size, rank, alpha, base model, path."""
+        """Registered adapters: name -> kind, preprocessor, control size, rank, alpha, base model, path."""
         out = {}
         for name, meta in self._control_meta.items():
             out[name] = {
+                "kind": adapter_kind(meta),
                 "preprocessor": meta.get("preprocessor") or None,
                 "control_size": int(meta["control_size"]) if str(meta.get("control_size", "")).isdigit() else None,
                 "rank": int(meta["rank"]) if str(meta.get("rank", "")).isdigit() else None,
@@ -250,11 +309,15 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         key = str(adapter).strip()
         if key in self._control_files:
             return key
+        from control.controlnet_transformer import BlockControl
         from control.easycontrol import EasyControl
 
         live = EasyControl.of(self.transformer)
         if live is not None and key in live.adapters and live.adapters[key].path is None:
             return key  # an adapter created in memory (e.g. the one being trained)
+        block = BlockControl.of(self.transformer)
+        if block is not None and key in block.info and block.info[key].path is None:
+            return key
         path = Path(key).expanduser()
         if path.suffix == ".safetensors" and path.is_file():
             stem = path.stem
@@ -268,10 +331,23 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         raise InputError(f"Unknown control adapter {key!r}. Available: {known}.")
 
     def load_control_adapter(self, adapter: str | Path) -> Any:
-        """Load a registered adapter (by name or path) into the transformer; returns its ``AdapterInfo``."""
+        """Load a registered adapter (by name or path) into the transformer; returns its ``AdapterInfo`` (or
+        ``ResidualAdapterInfo`` for the ControlNet-Transformer / RelaCtrl kinds; both have ``kind``-independent
+        ``name``, ``hash``, ``preprocessor``, ``control_size`` and ``position_bias``)."""
+        from control.controlnet_transformer import RESIDUAL_KINDS, BlockControl
         from control.easycontrol import EasyControl
 
         name = self._resolve_adapter(adapter)
+        block = BlockControl.of(self.transformer)
+        if name not in self._control_files and block is not None and name in block.info:
+            return block.info[name]
+        if adapter_kind(self._control_meta.get(name, {})) in RESIDUAL_KINDS:
+            block = BlockControl.attach(self.transformer)
+            path = self._control_files[name]
+            info = block.info.get(name)
+            if info is None or info.path != str(path):
+                info = block.load_adapter(path, name, base_hash=getattr(self, "model_hash", None))
+            return info
         ec = EasyControl.attach(self.transformer)
         if name not in self._control_files:
             return ec.adapters[name]
@@ -282,12 +358,16 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         return info
 
     def unload_control_adapters(self) -> None:
-        """Remove EasyControl from the transformer (registered names stay available)."""
+        """Remove every control adapter from the transformer (registered names stay available)."""
+        from control.controlnet_transformer import BlockControl
         from control.easycontrol import EasyControl
 
         ec = EasyControl.of(self.transformer)
         if ec is not None:
             ec.detach()
+        bc = BlockControl.of(self.transformer)
+        if bc is not None:
+            bc.detach()
 
     # ---- control images -----------------------------------------------------------------------------
     def control_multiple(self) -> int:
@@ -296,7 +376,7 @@ class ControlTextToImagePipeline(TextToImagePipeline):
     def prepare_control_image(
         self,
         image: Any,
-        size: int,
+        size: int | tuple[int, int],
         width: int,
         height: int,
         preprocessor: str | None = None,
@@ -370,12 +450,14 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         A condition with strength 0 is left out, so it gives exactly the images without it (EasyControl itself
         would keep its tokens, merely without the adapter). ``control_size`` overrides the condition resolution in
         pixels (default: the adapter's training size, else
-        the pipeline's ``control_size``, else the model's default size). ``use_kv_cache=False`` recomputes the
+        the pipeline's ``control_size``, else the model's default size) for EasyControl adapters; ControlNet-Transformer
+        and RelaCtrl maps always have the generation's size. ``use_kv_cache=False`` recomputes the
         conditions' keys/values at every step (same images, slower; for measurements). ``control_cfg=True`` applies
         the conditions to the conditional half of the classifier-free-guidance batch only (diffusers ControlNet's
         guess mode), so the guidance scale amplifies the control as it does the prompt; ``None``: the pipeline's
         ``control_cfg`` config (False, EasyControl's behaviour, unless the model directory says otherwise).
         """
+        from control.controlnet_transformer import RESIDUAL_KINDS, BlockControl, ResidualCondition
         from control.easycontrol import Condition, EasyControl
 
         if args:
@@ -389,39 +471,57 @@ class ControlTextToImagePipeline(TextToImagePipeline):
         height = kwargs.get("height") or self.default_size()
         width = kwargs.get("width") or self.default_size()
         check_size(height, width, self.control_multiple())
-        ec = EasyControl.attach(self.transformer)
-        conditions, maps, described = [], [], []
+        conditions, residuals, maps, described = [], [], [], []
         for spec in specs:
             info = self.load_control_adapter(spec.adapter)
-            size = control_size or info.control_size or self.config.get("control_size") or self.default_size()
-            try:
-                check_size(int(size), int(size), self.control_multiple())
-            except (InputError, TypeError, ValueError) as e:
-                raise InputError(f"control_size: {e}") from None
+            kind = getattr(info, "kind", "easycontrol")
             pre = info.preprocessor if spec.preprocessor == "auto" else spec.preprocessor
-            cmap = self.prepare_control_image(spec.image, int(size), width, height, pre, spec.preprocessor_params)
+            if kind in RESIDUAL_KINDS:
+                size: Any = (width, height)  # added token by token: the map has the generation's size
+                recorded: Any = int(width) if width == height else [int(width), int(height)]
+            else:
+                size = control_size or info.control_size or self.config.get("control_size") or self.default_size()
+                try:
+                    check_size(int(size), int(size), self.control_multiple())
+                except (InputError, TypeError, ValueError) as e:
+                    raise InputError(f"control_size: {e}") from None
+                size = recorded = int(size)
+            cmap = self.prepare_control_image(spec.image, size, width, height, pre, spec.preprocessor_params)
             maps.append(cmap)
             if spec.strength != 0.0:  # strength 0 switches the condition off (as LoRA weight 0 does)
-                conditions.append(Condition(self.encode_control(cmap), info.name, spec.strength, info.position_bias))
+                if kind in RESIDUAL_KINDS:
+                    residuals.append(ResidualCondition(self.encode_control(cmap), info.name, spec.strength))
+                else:
+                    latents = self.encode_control(cmap)
+                    conditions.append(Condition(latents, info.name, spec.strength, info.position_bias))
             described.append(
                 {
                     "adapter": info.name,
+                    "adapter_kind": kind,
                     "adapter_hash": info.hash,
                     "strength": spec.strength,
                     "preprocessor": pre or "none",
-                    "control_size": int(size),
+                    "control_size": recorded,
                     "position_bias": info.position_bias,
                     "control_image_hash": _image_digest(cmap),
                 }
             )
         guided = bool(self.config.get("control_cfg", False) if control_cfg is None else control_cfg)
-        ec.set_conditions(conditions, use_cache=use_kv_cache)
-        ec.state.conditional_half_only = guided
+        ec = EasyControl.attach(self.transformer) if conditions else EasyControl.of(self.transformer)
+        bc = BlockControl.of(self.transformer)
+        if ec is not None:
+            ec.set_conditions(conditions, use_cache=use_kv_cache)
+            ec.state.conditional_half_only = guided
+        if bc is not None:
+            bc.set_conditions(residuals, conditional_half_only=guided)
         try:
             out = super().__call__(prompt, negative_prompt, return_dict=True, **kwargs)
         finally:
-            ec.clear_conditions()
-            ec.state.conditional_half_only = False
+            if ec is not None:
+                ec.clear_conditions()
+                ec.state.conditional_half_only = False
+            if bc is not None:
+                bc.clear_conditions()
         summary = ", ".join(f"{d['adapter']} {d['strength']:g}" for d in described)
         for record in out.records:
             record.extra["Controls"] = summary

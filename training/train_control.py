@@ -1,4 +1,5 @@
-"""Train an EasyControl adapter (``control.easycontrol``) for a text-to-image model on your own images.
+"""Train a control adapter for a text-to-image model on your own images: EasyControl (``control.easycontrol``,
+the default), PixArt-δ's ControlNet-Transformer (``adapter.kind: controlnet``) or RelaCtrl (``adapter.kind: relactrl``).
 
     python -m training.train_control --config training/configs/control-canny.yaml
     python -m training.train_control --pipeline emoji-t2i --data my_images/ --preprocessor canny --output runs/canny
@@ -10,11 +11,15 @@ carry ``conditioning_image_file_name`` (the control map of each image, as diffus
 turns each training image into its map on the fly (``control.preprocessors``; ``inpaint`` draws a random mask per
 example). When both are present the conditioning images are used and the preprocessor is only recorded.
 
-Only the adapter trains (rank/alpha LoRA on the condition tokens' q/k/v/out projections, fp32); the base model, its
-text encoder and VAE stay frozen. The loop, accelerate, checkpoints (adapter + optimizer + RNG) and exact resume are
+Only the adapter trains (EasyControl: rank/alpha LoRA on the condition tokens' q/k/v/out projections; ControlNet:
+the copied blocks and zero projections; RelaCtrl: its control blocks; all fp32); the base model, its text encoder
+and VAE stay frozen. ControlNet-Transformer and RelaCtrl see the control map at the training image's size (their
+residuals are added token by token); ``relactrl.relevance`` reads the placement from a ``training.relevance``
+report. The loop, accelerate, checkpoints (adapter + optimizer + RNG) and exact resume are
 ``training.lora.LoraTrainer``'s (which is ``training.train.Trainer``'s). Validation grids show, per example, the
-control map next to the images generated from it. The result is ``OUTPUT/<control.name>.safetensors``: PEFT keys,
-rank/alpha under ``lora_adapter_metadata``, and the preprocessor, control size and base model (name, hash, class,
+control map next to the images generated from it. The result is ``OUTPUT/<control.name>.safetensors``: EasyControl:
+PEFT keys, rank/alpha under ``lora_adapter_metadata``; the other kinds: their module keys and ``adapter_config``; and
+the preprocessor, control size and base model (name, hash, class,
 shapes) as metadata, ready for ``ControlTextToImagePipeline.register_control_adapter`` and the UI's Control tab.
 """
 
@@ -47,6 +52,31 @@ class ControlLoraSection:
     init: str = "gaussian"  # down ~ N(0, 1/r) as EasyControl / PEFT "gaussian"; "default": Kaiming; up = 0
 
 
+ADAPTER_KINDS = ("easycontrol", "controlnet", "relactrl")
+
+
+@dataclass
+class AdapterSection:
+    kind: str = "easycontrol"  # easycontrol | controlnet (PixArt-δ ControlNet-Transformer) | relactrl
+
+
+@dataclass
+class ControlNetSection:
+    num_blocks: int | None = None  # copies of the first N base blocks; None: half (PixArt-δ: 13 of 28)
+
+
+@dataclass
+class RelaCtrlSection:
+    positions: list[int] = field(default_factory=list)  # base blocks the control blocks follow (or from relevance)
+    groups: list[int] = field(default_factory=list)  # channel groups per block; empty: from relevance, else 2 each
+    relevance: str | None = None  # a training.relevance JSON report: positions and groups from its scores
+    num_blocks: int | None = None  # with relevance: how many of the most relevant positions (default: a third)
+    heads: int = 4
+    segments: int = 4
+    seed: int = 0  # the fixed shuffles (recorded in the adapter)
+    shuffle_training: str = "fixed"  # "random": fresh shuffles every forward while training (the official code)
+
+
 @dataclass
 class ControlSection:
     name: str = "control"  # adapter name and output file stem
@@ -73,7 +103,10 @@ class ControlTrainConfig:
     kind: str | None = None  # informational; the base must be a text-to-image (or control) pipeline
     output_dir: str = "runs/control"
     seed: int = 0
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     lora: ControlLoraSection = field(default_factory=ControlLoraSection)
+    controlnet: ControlNetSection = field(default_factory=ControlNetSection)
+    relactrl: RelaCtrlSection = field(default_factory=RelaCtrlSection)
     control: ControlSection = field(default_factory=ControlSection)
     data: LoraDataConfig = field(default_factory=LoraDataConfig)
     optim: LoraOptimConfig = field(default_factory=LoraOptimConfig)
@@ -137,6 +170,24 @@ def load_control_config(
         raise ConfigError("data.categories is not used by control training")
     if not isinstance(cc.holdout_fraction, (int, float)) or not 0 <= cc.holdout_fraction < 1:
         raise ConfigError(f"control.holdout_fraction must be in [0, 1), got {cc.holdout_fraction!r}")
+    kind = config.adapter.kind
+    if kind not in ADAPTER_KINDS:
+        raise ConfigError(f"adapter.kind must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}")
+    if kind != "easycontrol":
+        if config.optim.gradient_checkpointing:
+            raise ConfigError(f"adapter.kind {kind} runs in block hooks; set optim.gradient_checkpointing: false")
+        if cc.control_size is not None and cc.control_size != config.data.resolution:
+            raise ConfigError(
+                f"adapter.kind {kind} adds the condition token by token, so control.control_size must be the image "
+                f"size (data.resolution); leave it unset"
+            )
+    rc = config.relactrl
+    if rc.shuffle_training not in ("fixed", "random"):
+        raise ConfigError(f"relactrl.shuffle_training must be fixed or random, got {rc.shuffle_training!r}")
+    if kind == "relactrl" and not rc.positions and not rc.relevance:
+        raise ConfigError("adapter.kind relactrl needs relactrl.positions or relactrl.relevance (a relevance report)")
+    if rc.groups and rc.positions and len(rc.groups) != len(rc.positions):
+        raise ConfigError(f"relactrl.groups {rc.groups} must have one entry per position {rc.positions}")
     return config
 
 
@@ -172,7 +223,7 @@ class ControlTrainer(LoraTrainer):
         config.kind = "text-to-image"  # the base's conditioning path (LoraTrainer.predict)
         multiple = self.pipe.vae_scale_factor * self.pipe.patch_size
         cc = config.control
-        if cc.control_size is None:
+        if cc.control_size is None or self.kind != "easycontrol":
             cc.control_size = int(config.data.resolution)
         if cc.control_size % multiple:
             raise ConfigError(f"control.control_size={cc.control_size} is not a multiple of {multiple} for this model")
@@ -185,11 +236,12 @@ class ControlTrainer(LoraTrainer):
                 f"{sum(not m for m in has_maps)} images in {config.data.root} have no conditioning_image_file_name; "
                 "add one per row of metadata.jsonl or set control.preprocessor (e.g. canny) to compute the maps"
             )
-        self.control.adapters[cc.name].metadata.update(  # what validation (and the saved file) use
-            preprocessor=cc.preprocessor or "none",
-            control_size=str(cc.control_size),
-            position_bias=f"{float(cc.position_bias):g}",
-        )
+        recorded = {"preprocessor": cc.preprocessor or "none"}  # what validation (and the saved file) use
+        if self.kind == "easycontrol":
+            recorded.update(control_size=str(cc.control_size), position_bias=f"{float(cc.position_bias):g}")
+            self.control.adapters[cc.name].metadata.update(recorded)
+        else:
+            self.control.info[cc.name].metadata.update(recorded)
         self.use_maps = all(has_maps)
         self._maps: dict[int, torch.Tensor] = {}
         from pipelines.control import ControlTextToImagePipeline
@@ -226,7 +278,13 @@ class ControlTrainer(LoraTrainer):
             rank=self.accelerator.process_index,
         )
 
+    @property
+    def kind(self) -> str:
+        return self.config.adapter.kind
+
     def _add_lora(self, transformer: torch.nn.Module) -> Any:
+        if self.kind != "easycontrol":
+            return self._add_residual_adapter(transformer)
         from control.easycontrol import EasyControl
 
         lc, cc = self.config.lora, self.config.control
@@ -236,6 +294,32 @@ class ControlTrainer(LoraTrainer):
         self.control.add_adapter(cc.name, lc.rank, lc.alpha, lc.init, dtype=torch.float32)
         for p in self.control.dead_parameters(cc.name):
             p.requires_grad_(False)
+        return None
+
+    def _add_residual_adapter(self, transformer: torch.nn.Module) -> None:
+        """A ControlNet-Transformer (copies of the first N base blocks) or a RelaCtrl adapter, trainable in fp32."""
+        from control.controlnet_transformer import BlockControl, ControlNetTransformer
+        from control.relactrl import RelaCtrl
+
+        name = self.config.control.name
+        self.control = BlockControl.attach(transformer)
+        self.control.remove_adapter(name)
+        if self.kind == "controlnet":
+            try:
+                adapter: Any = ControlNetTransformer.from_transformer(transformer, self.config.controlnet.num_blocks)
+            except ValueError as e:
+                raise ConfigError(f"controlnet.num_blocks: {e}") from None
+        else:
+            positions, groups = relactrl_placement(self.config.relactrl, len(transformer.transformer_blocks))
+            rc = self.config.relactrl
+            try:
+                adapter = RelaCtrl.from_transformer(
+                    transformer, positions, groups, rc.heads, rc.segments, rc.seed, rc.shuffle_training
+                )
+            except ValueError as e:
+                raise ConfigError(f"relactrl: {e}") from None
+        adapter.to(device=next(transformer.parameters()).device, dtype=torch.float32).requires_grad_(True)
+        self.control.add_adapter(name, adapter)
         return None
 
     def _fill_validation(self) -> None:
@@ -268,25 +352,30 @@ class ControlTrainer(LoraTrainer):
         return out
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def control_map(self, image: Image.Image, size: int, seed: int | None = None) -> Image.Image:
-        """A training image -> its control map at the control size (resize first, as the pipeline does)."""
+    def control_map(self, image: Image.Image, size: int | tuple[int, int], seed: int | None = None) -> Image.Image:
+        """A training image -> its control map at the control size (resize first, as the pipeline does); a
+        ``(height, width)`` size for the residual kinds."""
         from control.preprocessors import run_preprocessor
 
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
+        wh = (size, size) if isinstance(size, int) else (int(size[1]), int(size[0]))
+        if image.size != wh:
+            image = image.resize(wh, Image.Resampling.LANCZOS)
         params = dict(self.pre_params)
         if self.config.control.preprocessor == "inpaint":
             params.setdefault("seed", seed)
         return run_preprocessor(self.config.control.preprocessor, image, **params)
 
     def condition_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The batch's control maps in the model's input space (pixels in [-1, 1], or scaled VAE latents)."""
+        """The batch's control maps in the model's input space (pixels in [-1, 1], or scaled VAE latents).
+
+        EasyControl: at the square control size; ControlNet-Transformer / RelaCtrl: at the batch's image size."""
         size = int(self.config.control.control_size)
         device = self.accelerator.device
+        hw = (size, size) if self.kind == "easycontrol" else tuple(batch["pixel_values"].shape[-2:])
         if self.use_maps:
             maps = batch["conditioning_pixel_values"].to(device)
-            if maps.shape[-1] != size or maps.shape[-2] != size:
-                maps = F.interpolate(maps, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if tuple(maps.shape[-2:]) != hw:
+                maps = F.interpolate(maps, size=hw, mode="bilinear", antialias=True, align_corners=False)
         else:
             tensors = []
             # Deterministic maps (all but inpaint's random masks) of unflipped images are computed once per image.
@@ -298,7 +387,7 @@ class ControlTrainer(LoraTrainer):
                 # Random masks draw their seed from the saved torch RNG, so an exactly resumed run draws the same
                 # masks; cached maps draw nothing (a resumed run starts with an empty cache).
                 seed = None if cacheable else int(torch.randint(0, 2**31 - 1, ()).item())
-                tensors.append(_to_tensor(self.control_map(_to_pil(x), size, seed)))
+                tensors.append(_to_tensor(self.control_map(_to_pil(x), size if hw == (size, size) else hw, seed)))
                 if cacheable:
                     self._maps[index] = tensors[-1]
             maps = torch.stack(tensors).to(device)
@@ -313,6 +402,14 @@ class ControlTrainer(LoraTrainer):
         from control.easycontrol import Condition
 
         cond = self.condition_latents(batch).to(self.weight_dtype)
+        if self.kind != "easycontrol":
+            from control.controlnet_transformer import ResidualCondition
+
+            self.control.set_conditions([ResidualCondition(cond, self.config.control.name, 1.0)])
+            try:
+                return super().predict(xt, t, batch)
+            finally:
+                self.control.clear_conditions()
         # Recomputed every step (no cache): the adapter changes and the batch's maps differ. The conditions stay set
         # until the next step, so a gradient-checkpointed backward still finds the conditions' K/V.
         cc = self.config.control
@@ -323,6 +420,18 @@ class ControlTrainer(LoraTrainer):
     def lora_metadata(self) -> dict[str, str]:
         cc = self.config.control
         model = self.accelerator.unwrap_model(self.transformer)
+        if self.kind != "easycontrol":
+            return {
+                "base_model": _base_name(self.config.pipeline),
+                "base_model_hash": str(getattr(self.pipe, "model_hash", None) or ""),
+                "kind": "control",
+                "preprocessor": cc.preprocessor or "none",
+                "preprocessor_params": json.dumps(cc.preprocessor_params, sort_keys=True, default=str),
+                "conditioning": "conditioning_image_file_name" if self.use_maps else f"preprocessor:{cc.preprocessor}",
+                "steps": str(self.global_step),
+                "training_config": json.dumps(self.config.to_dict(), sort_keys=True, default=str),
+                "software": "dit-studio training.train_control",
+            }
         return {
             "base_model": _base_name(self.config.pipeline),
             "base_model_hash": str(getattr(self.pipe, "model_hash", None) or ""),
@@ -345,6 +454,15 @@ class ControlTrainer(LoraTrainer):
         from control.easycontrol import PROJECTIONS, check_adapter_file
         from pipelines.lora import read_lora
 
+        if self.kind != "easycontrol":
+            from control.controlnet_transformer import read_residual_adapter
+            from dit.convert.common import load_strict
+
+            models.pop()
+            file = read_residual_adapter(Path(input_dir) / LORA_WEIGHT_NAME)
+            adapter = self.control.adapters[self.config.control.name]
+            load_strict(adapter, {k: v.to(next(adapter.parameters()).dtype) for k, v in file.tensors.items()})
+            return
         model = self.accelerator.unwrap_model(models.pop())
         lora = read_lora(Path(input_dir) / LORA_WEIGHT_NAME)
         found = check_adapter_file(lora, model)
@@ -398,6 +516,26 @@ class ControlTrainer(LoraTrainer):
         model.train()
 
 
+def relactrl_placement(rc: RelaCtrlSection, num_layers: int) -> tuple[list[int], list[int]]:
+    """RelaCtrl positions and group counts: given explicitly, or from a ``training.relevance`` report's scores."""
+    from control.relactrl import GROUP_TIERS, placement_from_scores
+
+    if rc.positions:
+        return list(rc.positions), list(rc.groups) or [GROUP_TIERS[0]] * len(rc.positions)
+    path = Path(str(rc.relevance))
+    if not path.is_file():
+        raise ConfigError(f"relactrl.relevance: no relevance report at {path} (python -m training.relevance --out ...)")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    scores = {int(row["position"]): float(row["crs"]) for row in report.get("blocks", [])}
+    if not scores or max(scores) > num_layers - 2:
+        raise ConfigError(f"relactrl.relevance: {path} has no scores for positions 0..{num_layers - 2} of this model")
+    n = rc.num_blocks or max(1, round(len(scores) / 3))
+    try:
+        return placement_from_scores(scores, int(n))
+    except ValueError as e:
+        raise ConfigError(f"relactrl.num_blocks: {e}") from None
+
+
 # ---- command line -----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,6 +546,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="adapter name / output file stem (default: control)")
     parser.add_argument("--preprocessor", help="compute control maps with this preprocessor (e.g. canny, inpaint)")
     parser.add_argument("--control-size", type=int, help="condition resolution in pixels (default: data resolution)")
+    parser.add_argument("--kind", choices=ADAPTER_KINDS, help="adapter kind (default easycontrol)")
     parser.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
     parser.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank (default 8)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default 500)")
@@ -431,6 +570,7 @@ _FLAGS = {
     "name": "control.name",
     "preprocessor": "control.preprocessor",
     "control_size": "control.control_size",
+    "kind": "adapter.kind",
     "rank": "lora.rank",
     "alpha": "lora.alpha",
     "steps": "optim.max_steps",

@@ -1,4 +1,6 @@
-"""``python -m dit.convert {dit,dit-diffusers,pixart} SRC OUT_DIR``: official checkpoints -> our diffusers models.
+"""``python -m dit.convert {dit,dit-diffusers,pixart,pixart-controlnet,relactrl} SRC OUT_DIR``: official checkpoints
+-> our diffusers models (control kinds: ``OUT_DIR/controls/<name>.safetensors``, plus the base transformer when the
+file carries one).
 
 Writes only ``OUT_DIR/transformer/`` (config.json + safetensors + conversion.json). The VAE, text encoder,
 tokenizer and scheduler are ordinary diffusers downloads; the printed message names the hub ids to combine.
@@ -37,6 +39,9 @@ COMPANIONS = {
     ),
 }
 
+#: Control checkpoints: official PixArt-δ ControlNet .pth or the diffusers research-project layout; official RelaCtrl.
+CONTROL_KINDS = ["pixart-controlnet", "relactrl"]
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
             "(python -m dit.convert var var_d16.pth OUT --vae vae_ch160v4096z32.pth)."
         ),
     )
-    parser.add_argument("kind", choices=["dit", "dit-diffusers", "pixart", *BACKBONE_KINDS], help="source layout")
+    parser.add_argument(
+        "kind", choices=["dit", "dit-diffusers", "pixart", *CONTROL_KINDS, *BACKBONE_KINDS], help="source layout"
+    )
     parser.add_argument("src", type=Path, help="checkpoint file (.pt/.pth/.bin/.safetensors) or diffusers folder")
     parser.add_argument("out_dir", type=Path, help="output folder; the model goes to OUT_DIR/transformer/")
     parser.add_argument(
@@ -68,8 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interpolation-scale", type=float, help="PixArt position interpolation override")
     parser.add_argument("--non-ema", action="store_true", help="use the raw weights where a file has EMA and raw")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="save in this dtype (default: as is)")
+    parser.add_argument("--name", help="control kinds: adapter name, OUT_DIR/controls/NAME.safetensors")
+    parser.add_argument("--preprocessor", help="control kinds: the preprocessor the adapter expects (e.g. canny)")
+    parser.add_argument("--positions", help="relactrl: comma-separated base blocks the control blocks follow")
+    parser.add_argument("--seed", type=int, default=0, help="relactrl: shuffle seed recorded in the adapter")
     add_backbone_arguments(parser)  # var / dimr / vdt: --vae, --id2label (dit/convert/cli_backbones.py)
     return parser
+
+
+def convert_control(args: argparse.Namespace) -> dict[str, Path]:
+    """The control kinds: write the adapter (and the base transformer when the file has ``base_model.*``)."""
+    from .pixart_controlnet import convert_pixart_controlnet, write_converted_adapter
+    from .relactrl_original import convert_relactrl_original
+
+    ema = not args.non_ema
+    version = args.version or "alpha"
+    if args.kind == "pixart-controlnet":
+        base, tensors, config = convert_pixart_controlnet(
+            args.src, args.image_size, version, args.num_heads, ema, args.interpolation_scale
+        )
+        kind, default_name = "controlnet", "controlnet"
+    else:
+        positions = [int(p) for p in args.positions.split(",")] if args.positions else None
+        base, tensors, config = convert_relactrl_original(
+            args.src, args.image_size, positions, args.seed, version, args.num_heads, ema, args.interpolation_scale
+        )
+        kind, default_name = "relactrl", "relactrl"
+    if base is not None and args.dtype:
+        base = base.to(_DTYPES[args.dtype])
+    src = args.src if args.src.is_file() else None
+    return write_converted_adapter(
+        kind, base, tensors, config, args.out_dir, args.name or default_name, src, args.preprocessor
+    )
 
 
 def convert(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any], str]:
@@ -109,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(message)
+        return 0
+    if args.kind in CONTROL_KINDS:
+        try:
+            written = convert_control(args)
+        except (CheckpointFormatError, UnsafeCheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for what, path in written.items():
+            print(f"Wrote the {what} to {path}")
+        print(f"Use it: python -m pipelines.control --base MODEL --adapter {written['adapter']} --out DIR")
         return 0
     try:
         model, record, companions = convert(args)

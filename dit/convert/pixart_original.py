@@ -74,6 +74,24 @@ def interpolation_scale_for(image_size: int, version: Version | None) -> float:
     return table[image_size]
 
 
+def map_pixart_block(m: KeyMapper, src: str, dst: str) -> None:
+    """One official ``PixArtBlock``/``PixArtMSBlock`` (``src`` prefix) -> diffusers/``DiTBlock`` keys (``dst``).
+
+    Shared with the ControlNet converter (``dit.convert.pixart_controlnet``), whose copied blocks are PixArt blocks.
+    """
+    m.move(f"{src}.scale_shift_table", f"{dst}.scale_shift_table")
+    m.split_linear(f"{src}.attn.qkv", [f"{dst}.attn1.to_q", f"{dst}.attn1.to_k", f"{dst}.attn1.to_v"])
+    m.move_linear(f"{src}.attn.proj", f"{dst}.attn1.to_out.0")
+    if m.has(f"{src}.attn.q_norm.weight"):
+        m.move_linear(f"{src}.attn.q_norm", f"{dst}.attn1.norm_q")
+        m.move_linear(f"{src}.attn.k_norm", f"{dst}.attn1.norm_k")
+    m.move_linear(f"{src}.cross_attn.q_linear", f"{dst}.attn2.to_q")
+    m.split_linear(f"{src}.cross_attn.kv_linear", [f"{dst}.attn2.to_k", f"{dst}.attn2.to_v"])
+    m.move_linear(f"{src}.cross_attn.proj", f"{dst}.attn2.to_out.0")
+    m.move_linear(f"{src}.mlp.fc1", f"{dst}.ff.net.0.proj")
+    m.move_linear(f"{src}.mlp.fc2", f"{dst}.ff.net.2")
+
+
 def pixart_original_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an official PixArt state dict to diffusers/``TextDiTModel`` keys; every source key is accounted for.
 
@@ -95,18 +113,7 @@ def pixart_original_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict
             m.move_linear(f"{src}.mlp.2", f"adaln_single.emb.{dst}.linear_2")
     m.move_linear("t_block.1", "adaln_single.linear")
     for i in range(_num_blocks(state_dict)):
-        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
-        m.move(f"{src}.scale_shift_table", f"{dst}.scale_shift_table")
-        m.split_linear(f"{src}.attn.qkv", [f"{dst}.attn1.to_q", f"{dst}.attn1.to_k", f"{dst}.attn1.to_v"])
-        m.move_linear(f"{src}.attn.proj", f"{dst}.attn1.to_out.0")
-        if m.has(f"{src}.attn.q_norm.weight"):
-            m.move_linear(f"{src}.attn.q_norm", f"{dst}.attn1.norm_q")
-            m.move_linear(f"{src}.attn.k_norm", f"{dst}.attn1.norm_k")
-        m.move_linear(f"{src}.cross_attn.q_linear", f"{dst}.attn2.to_q")
-        m.split_linear(f"{src}.cross_attn.kv_linear", [f"{dst}.attn2.to_k", f"{dst}.attn2.to_v"])
-        m.move_linear(f"{src}.cross_attn.proj", f"{dst}.attn2.to_out.0")
-        m.move_linear(f"{src}.mlp.fc1", f"{dst}.ff.net.0.proj")
-        m.move_linear(f"{src}.mlp.fc2", f"{dst}.ff.net.2")
+        map_pixart_block(m, f"blocks.{i}", f"transformer_blocks.{i}")
     m.move_linear("final_layer.linear", "proj_out")
     m.move("final_layer.scale_shift_table", "scale_shift_table")
     m.drop("y_embedder.y_embedding")
