@@ -243,6 +243,40 @@ def test_class_pipeline_samples_the_finest_branch(tmp_path):
     np.testing.assert_array_equal(out.images, again.images)
 
 
+def test_dimr_generates_in_the_ui_service_and_the_batch_cli(tmp_path):
+    """A DiMR pipeline directory is a class-to-image catalog model: the UI's class tab (through the service) and
+    batch rows run it like a DiT, and both give the pipeline's own pixels for the same seed."""
+    from PIL import Image
+
+    from pipelines import ClassToImagePipeline
+    from pipelines.batch import main
+    from pipelines.catalog import Catalog
+    from pipelines.service import GenerationRequest, GenerationService
+
+    names = {str(i): n for i, n in enumerate(["smileys", "animals", "food", "travel", "flags"])}
+    pipe = ClassToImagePipeline(
+        transformer=randomize_td(tiny_dimr()).eval(), scheduler=DPMSolverMultistepScheduler(), id2label=names
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "models" / "tiny-dimr")
+    want = pipe(["food"], num_inference_steps=3, seed=7, guidance_scale=2.0, output_type="np").images[0]
+    want = (want * 255).round().astype(np.uint8)
+
+    service = GenerationService(Catalog(roots=[tmp_path / "models"]), output_dir=tmp_path / "ui")
+    request = GenerationRequest(
+        model="tiny-dimr", class_label="food", steps=3, seed=7, guidance_scale=2.0, kind="class-to-image"
+    )
+    result = service.submit(request).wait(60)
+    np.testing.assert_array_equal(np.asarray(Image.open(result.paths[0])), want)
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("class,seed,steps,guidance\nfood,7,3,2.0\n", encoding="utf-8")
+    out = tmp_path / "batch"
+    argv = [str(rows), "--models-dir", str(tmp_path / "models"), "--no-default-models", "--model", "tiny-dimr"]
+    assert main([*argv, "-o", str(out), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00000-00-7.png")), want)
+
+
 def test_attention_variants_keep_dimr_on_its_own_processor():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
