@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 KINDS = ("text-to-image", "class-to-image")
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -126,24 +129,49 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key="a.b"``, creating the sections on the way."""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_dataclass_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> T:
+    """The one config reader of every trainer: a YAML file, then ``values`` (typed, e.g. from CLI flags:
+    ``{"lora.rank": 4}``), then ``key.sub=value`` overrides parsed as YAML, built strictly into ``cls`` (a mistyped
+    key fails with the valid ones listed). Checks every trainer shares (``optim.mixed_precision``) happen here."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for key, value in (values or {}).items():
+        set_path(data, key, value)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    config = _build(TrainConfig, data, "")
+        set_path(data, key, yaml.safe_load(value))
+    config = _build(cls, data, "")
+    optim = getattr(config, "optim", None)
+    if optim is not None and getattr(optim, "mixed_precision", "no") not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    config = load_dataclass_config(TrainConfig, path, overrides)
     if config.kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
     variant = str(config.model.get("attention_variant", "sdpa"))
@@ -152,6 +180,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             f"optim.z_loss_weight > 0 records attention logits through its own self-attention processor, which "
             f"would replace model.attention_variant {variant!r}; use one or the other"
         )
-    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     return config

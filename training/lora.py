@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 from pipelines.lora import COMPONENT, LORA_METADATA_KEY, LORA_WEIGHT_NAME
 
-from .config import CheckpointConfig, ConfigError, DataConfig, ValidationConfig, _build
+from .config import CheckpointConfig, ConfigError, DataConfig, ValidationConfig, load_dataclass_config
 from .train import Trainer
 
 ADAPTER = "default"  # the adapter's name inside the model while training; files carry no adapter name
@@ -110,24 +109,9 @@ def load_lora_config(
 ) -> LoraTrainConfig:
     """YAML file, then ``values`` (``{"lora.rank": 4}``, typed, e.g. from CLI flags), then ``key=value`` overrides
     parsed as YAML; checked strictly, so a mistyped key fails with the valid ones listed."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for key, value in (values or {}).items():
-        _set_path(data, key, value)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        _set_path(data, key, yaml.safe_load(value))
-    config = _build(LoraTrainConfig, data, "")
+    config = load_dataclass_config(LoraTrainConfig, path, overrides, values)
     if not config.pipeline:
         raise ConfigError("no base model: pass --pipeline (a catalog name, pipeline directory or hub id)")
-    if config.optim.mixed_precision not in _DTYPES:
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     lc = config.lora
     if isinstance(lc.targets, str):
         lc.targets = [t.strip() for t in lc.targets.split(",") if t.strip()]

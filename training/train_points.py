@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from dit.models.dit3d import DiT3DModel, dit3d_config, init_from_dit2d
 
-from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, _build
+from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
 from .data.datasets import AspectRatioBucketSampler
 from .train import Trainer
 
@@ -86,29 +85,13 @@ class PointsTrainConfig:
 
 def load_points_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PointsTrainConfig:
     """Read a YAML config (strict keys, as ``training.config``) and apply ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    config = _build(PointsTrainConfig, data, "")
+    config = load_dataclass_config(PointsTrainConfig, path, overrides)
     if config.kind != "point-cloud":
         raise ConfigError(f"kind must be point-cloud for training.train_points, got {config.kind!r}")
     if config.data.source not in ("procedural", "shapenet"):
         raise ConfigError(f"data.source must be procedural or shapenet, got {config.data.source!r}")
     if config.data.source == "shapenet" and not config.data.root:
         raise ConfigError("data.source: shapenet needs data.root (the ShapeNetCore.v2.PC15k folder)")
-    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     if config.noise.prediction_type != "epsilon":
         raise ConfigError("DiT-3D trains ε-prediction; set noise.prediction_type: epsilon")
     return config

@@ -41,7 +41,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from .config import CheckpointConfig, ConfigError, DataConfig, OptimConfig, ValidationConfig, _build
+from .config import CheckpointConfig, ConfigError, DataConfig, OptimConfig, ValidationConfig, load_dataclass_config
 from .train import Trainer
 from .validation import image_grid
 
@@ -96,30 +96,13 @@ class VARTrainConfig:
 
 def load_var_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VARTrainConfig:
     """Read a YAML config strictly (unknown keys are errors) and apply ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    config = _build(VARTrainConfig, data, "")
+    config = load_dataclass_config(VARTrainConfig, path, overrides)
     if config.stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
     if config.kind != "class-to-image":
         raise ConfigError("kind must be class-to-image: VAR is class-conditional")
     if config.stage == "var" and not config.vqvae_path:
         raise ConfigError("stage var needs vqvae_path: the output_dir of a finished vqvae run (or a VARVQVAE folder)")
-    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     return config
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DPMSolverMultistepScheduler
@@ -40,7 +39,7 @@ from dit.models.vdt import VDTModel, vdt_config
 from dit.video_masks import TEMPORAL_TYPES, VideoMaskGenerator, apply_mask
 
 from .build import noise_scheduler
-from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, _build
+from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
 from .data.datasets import AspectRatioBucketSampler
 from .data.video import MovingSpritesDataset, VideoFolderDataset, collate_video_batch
 from .train import Trainer
@@ -106,22 +105,7 @@ class VideoTrainConfig:
 
 def load_video_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VideoTrainConfig:
     """Read a YAML config and apply ``key.sub=value`` overrides; unknown keys fail with the valid ones."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    config = _build(VideoTrainConfig, data, "")
+    config = load_dataclass_config(VideoTrainConfig, path, overrides)
     if config.kind != "video":
         raise ConfigError(f"kind must be 'video' for training.train_video, got {config.kind!r}")
     if config.data.source not in ("sprites", "folder"):
@@ -132,8 +116,6 @@ def load_video_config(path: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(f"masks.temporal_weights needs {len(TEMPORAL_TYPES)} weights: {', '.join(TEMPORAL_TYPES)}")
     if getattr(config.optim, "z_loss_weight", 0):
         raise ConfigError("optim.z_loss_weight is not supported by training.train_video; leave it at 0")
-    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
     return config
 
 
