@@ -330,7 +330,7 @@ def placement_from_scores(
     if not 1 <= num_blocks <= len(items):
         raise ValueError(f"num_blocks must be between 1 and {len(items)}, got {num_blocks}")
     ranked = sorted(items, key=lambda p: (-items[p], p))[:num_blocks]
-    third = max(1, round(num_blocks / 3))
+    third = max(1, num_blocks // 3)  # 11 blocks: 3 + 3 + 5, as released
     tier_of = {p: tiers[min(r // third, len(tiers) - 1)] for r, p in enumerate(ranked)}
     positions = sorted(ranked)
     return positions, [tier_of[p] for p in positions]

@@ -4,7 +4,9 @@ strength per condition, several conditions at once, and generate with a control 
 Found by ``pipelines.ui_tabs.discover`` (a ``*_tab`` module). Models of kind ``"control"`` (directories whose
 ``model_index.json`` names ``ControlTextToImagePipeline``) are served here. Adapters are listed by name, never by path:
 the model directory's ``controls/*.safetensors`` and every ``<models-dir>/controls/*.safetensors`` (where
-``training.train_control`` output can be copied). Endpoints: ``/control`` (generate) and ``/control_preprocess``
+``training.train_control`` output can be copied). Each adapter is shown with its kind (EasyControl,
+ControlNet-Transformer, RelaCtrl, read from the file's ``adapter_type``); nothing here depends on the kind: the
+pipeline picks the method from the file. Endpoints: ``/control`` (generate) and ``/control_preprocess``
 (the map the model will see, for a preview).
 
 Generation runs under the service's per-model lock on its cached pipeline and saves PNGs with the generation record
@@ -68,6 +70,20 @@ def adapter_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+ADAPTER_KIND_LABELS = {"easycontrol": "EasyControl", "controlnet": "ControlNet-Transformer", "relactrl": "RelaCtrl"}
+
+
+def adapter_choices_for(files: dict[str, Path]) -> list[tuple[str, str]]:
+    """Dropdown choices ``(label, name)``: the adapter name with its kind (from the file's ``adapter_type``)."""
+    from .control import adapter_kind
+
+    out = []
+    for name, path in files.items():
+        kind = adapter_kind(adapter_metadata(path))
+        out.append((f"{name} · {ADAPTER_KIND_LABELS.get(kind, kind)}", name))
+    return out
+
+
 def model_control_cfg(service: Any, model: str) -> bool:
     """The model directory's default for ``control_cfg`` (conditions in the conditional CFG half only)."""
     try:
@@ -118,18 +134,18 @@ def control_map_preview(
     height: int,
 ) -> PIL.Image.Image | None:
     """The control map the model will see for this condition (upscaled for display when tiny)."""
-    from .control import make_control_map
+    from .control import adapter_kind, control_map_size, make_control_map
 
     if image is None:
         return None
     spec = _check_model(service, models, model)
-    size = spec.default_size
     files = adapter_files(service, model)
-    if adapter in files:
-        recorded = adapter_metadata(files[adapter]).get("control_size", "")
-        size = int(recorded) if recorded.isdigit() else size
+    meta = adapter_metadata(files[adapter]) if adapter in files else {}
+    recorded = meta.get("control_size", "")
     w = _int(width or spec.default_size, "Width", spec.multiple, spec.max_side)
     h = _int(height or spec.default_size, "Height", spec.multiple, spec.max_side)
+    kind = adapter_kind(meta) if meta else "easycontrol"
+    size = control_map_size(kind, int(recorded) if recorded.isdigit() else None, w, h, spec.default_size)
     params = {"mask": mask} if preprocessor == "inpaint" and mask is not None else {}
     cmap = make_control_map(image, size, w, h, preprocessor or "none", params)
     side = max(cmap.size)
@@ -241,8 +257,9 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
     service, models = ctx.service, ctx.models
     spec0 = service.spec(models[0])
 
-    def adapter_choices(model: str) -> list[str]:
-        return [NO_ADAPTER, *adapter_files(service, model)] if model in models else [NO_ADAPTER]
+    def adapter_choices(model: str) -> list[tuple[str, str]]:
+        none = [(NO_ADAPTER, NO_ADAPTER)]
+        return none + adapter_choices_for(adapter_files(service, model)) if model in models else none
 
     slot_components: list[tuple[Any, ...]] = []
     with gr.Row(equal_height=False):
@@ -271,7 +288,7 @@ def build_control_tab(ctx: TabContext) -> TabHandle:
                     with gr.Row():
                         pre = gr.Dropdown(preprocessor_choices(), value="canny", label="Preprocessor")
                         adapter = gr.Dropdown(
-                            choices, value=choices[1] if k == 0 and len(choices) > 1 else NO_ADAPTER, label="Adapter"
+                            choices, value=choices[1][1] if k == 0 and len(choices) > 1 else NO_ADAPTER, label="Adapter"
                         )
                         strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength")
                     mask = gr.Image(

@@ -9,9 +9,15 @@
    SSIM for every map (grey level; for ``inpaint`` the masked area is black in both, so the known-region PSNR against
    the source image is reported as well). The same prompts and seeds without control give the baseline the numbers
    must be read against (an uncontrolled image follows a random edge map only by chance).
-2. **Cost.** Extra parameters of the adapter (and as a fraction of the transformer), and latency per image: the base
+2. **Quality.** The Fréchet distance between the generated images and the source images, in a small fixed feature
+   space (:func:`image_features`: 8 x 8 RGB thumbnails; no network weights, so it runs anywhere; a coarse stand-in
+   for FID that ranks runs at equal sample counts, the use ``training.relevance`` makes of it).
+3. **Cost.** Extra parameters of the adapter (and as a fraction of the transformer), FLOPs of one transformer call
+   with and without control (``torch.utils.flop_counter``, batch 1, the condition branch included; EasyControl with
+   its cache filled), and latency per image: the base
    text-to-image call, control with the condition K/V cached (computed once per image), and control with the K/V
-   recomputed at every step (what the cache saves), each the median of ``--repeats`` timed calls after a warm-up.
+   recomputed at every step (what the cache saves; EasyControl only), each the median of ``--repeats`` timed calls
+   after a warm-up. All three adapter kinds (EasyControl, ControlNet-Transformer, RelaCtrl) are measured the same way.
 
 With ``--holdout-fraction f`` the images are drawn from the split ``training.classifier.is_held_out`` assigns to
 held-out (train with ``control.holdout_fraction: f`` so the adapter never saw them). The report is printed and, with
@@ -96,6 +102,61 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def image_features(images: list[Image.Image], size: int = 8) -> np.ndarray:
+    """(N, size*size*3) features in [0, 1]: area-averaged RGB thumbnails (what :func:`frechet_distance` compares)."""
+    rows = [
+        np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX), np.float64) / 255.0 for im in images
+    ]
+    return np.stack([r.reshape(-1) for r in rows])
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of Gaussians fitted to two feature sets: |mu_a - mu_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2).
+
+    The trace of the matrix square root is the sum of the square roots of the eigenvalues of Ca^1/2 Cb Ca^1/2
+    (symmetric, so ``eigh`` is exact; no scipy). Needs at least two samples per set.
+    """
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Fréchet distance needs at least two samples per set")
+    ta, tb = torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64))
+    mu = ta.mean(0) - tb.mean(0)
+    ca, cb = torch.cov(ta.T), torch.cov(tb.T)
+    w, v = torch.linalg.eigh(ca)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp_min(0).sqrt().sum()
+    return float(mu @ mu + torch.trace(ca) + torch.trace(cb) - 2 * cross)
+
+
+def transformer_flops(pipe: Any, control: dict[str, Any] | None, size: int, prompt: str = "") -> tuple[int, int]:
+    """FLOPs of the first and of a later transformer call (batch 1, ``size`` px) with the given control arguments.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention) on a 2-step call
+    without CFG. EasyControl computes its condition branch in the first call only (the K/V cache), so the two
+    differ; ControlNet-Transformer and RelaCtrl run their branch at every call.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls: list[int] = []
+    counter = FlopCounterMode(display=False)
+    model = pipe.transformer
+
+    def before(module: Any, args: Any, kwargs: Any) -> None:
+        counter.__enter__()
+
+    def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        counter.__exit__(None, None, None)
+        calls.append(counter.get_total_flops())  # entering the mode resets its counts: this is one call
+
+    h1 = model.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
+    h2 = model.register_forward_hook(after, with_kwargs=True)
+    try:
+        pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=size, width=size, seed=0, **(control or {}))
+    finally:
+        h1.remove()
+        h2.remove()
+    return int(calls[0]), int(calls[-1])
+
+
 def fidelity(
     output: Image.Image,
     control_map: Image.Image,
@@ -166,7 +227,8 @@ def evaluate(
     grid: str | Path | None = None,
     control_cfg: bool | None = None,
 ) -> dict[str, Any]:
-    """Fidelity with and without control, extra parameters and latency; see the module docstring."""
+    """Fidelity with and without control, quality, extra parameters, FLOPs and latency; see the module docstring."""
+    from control.controlnet_transformer import BlockControl
     from control.easycontrol import EasyControl
     from control.preprocessors import inpaint_mask
     from pipelines import load_pipeline
@@ -202,22 +264,41 @@ def evaluate(
         with_c.append(fidelity(ctl.images[0], cmap, pre, image, mask))
         without_c.append(fidelity(base.images[0], cmap, pre, image, mask))
         rows.append([cmap.resize((size, size), Image.Resampling.NEAREST), ctl.images[0], base.images[0]])
+    sources = image_features([image for image, _ in examples])
+    quality = {
+        "with_control": frechet_distance(image_features([r[1] for r in rows]), sources) if len(rows) > 1 else None,
+        "without_control": frechet_distance(image_features([r[2] for r in rows]), sources) if len(rows) > 1 else None,
+    }
 
     def mean(scores: list[dict[str, float]]) -> dict[str, float]:
         return {k: float(np.mean([s[k] for s in scores if np.isfinite(s[k])])) for k in scores[0]}
 
-    ec = EasyControl.of(pipe.transformer)
-    extra = ec.num_parameters(info.name)
-    total = sum(p.numel() for name, p in pipe.transformer.named_parameters() if ".processor." not in name)
+    kind = getattr(info, "kind", "easycontrol")
+    if kind == "easycontrol":
+        extra = EasyControl.of(pipe.transformer).num_parameters(info.name)
+    else:
+        extra = BlockControl.of(pipe.transformer).num_parameters(info.name)
+    total = sum(
+        p.numel()
+        for name, p in pipe.transformer.named_parameters()
+        if ".processor." not in name and not name.startswith("block_control_adapters.")
+    )
     image, caption = examples[0]
-    cmap = make_control_map(image, control_size, size, size, pre, {"mask": "center"} if pre == "inpaint" else {})
+    map_size = (size, size) if kind != "easycontrol" else control_size
+    cmap = make_control_map(image, map_size, size, size, pre, {"mask": "center"} if pre == "inpaint" else {})
+    ctl_kw = {"control_image": cmap, "control_adapter": info.name, "control_cfg": False}
+    first, later = transformer_flops(pipe, ctl_kw, size, caption)
+    flops = {"base": transformer_flops(pipe, None, size, caption)[1], "control": later, "control_first_call": first}
+    flops["control_extra_fraction"] = flops["control"] / flops["base"] - 1 if flops["base"] else None
     lat = {
         "base_s": _timed(lambda: pipe(caption, seed=0, **kw), repeats),
         "control_kv_cache_s": _timed(
             lambda: pipe(caption, control_image=cmap, control_adapter=info.name, seed=0, control_cfg=control_cfg, **kw),
             repeats,
         ),
-        "control_no_cache_s": _timed(
+    }
+    if kind == "easycontrol":  # the other kinds have no condition cache: their branch depends on the noisy image
+        lat["control_no_cache_s"] = _timed(
             lambda: pipe(
                 caption,
                 control_image=cmap,
@@ -228,13 +309,13 @@ def evaluate(
                 **kw,
             ),
             repeats,
-        ),
-    }
-    lat["kv_cache_speedup"] = lat["control_no_cache_s"] / lat["control_kv_cache_s"]
+        )
+    lat["kv_cache_speedup"] = lat["control_no_cache_s"] / lat["control_kv_cache_s"] if kind == "easycontrol" else None
     lat["control_overhead_with_cache"] = lat["control_kv_cache_s"] / lat["base_s"] - 1
     report = {
         "pipeline": str(pipeline),
         "adapter": info.name,
+        "adapter_kind": kind,
         "adapter_path": info.path,
         "preprocessor": pre,
         "control_size": control_size,
@@ -247,6 +328,8 @@ def evaluate(
         "holdout_fraction": holdout_fraction,
         "fidelity_with_control": mean(with_c),
         "fidelity_without_control": mean(without_c),
+        "quality_fd": quality,
+        "flops_per_call": flops,
         "extra_parameters": extra,
         "transformer_parameters": total,
         "extra_parameter_fraction": extra / total,
@@ -277,13 +360,33 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     for key in w:
         lines.append(f"{key:<14}{w[key]:>14.3f}{wo[key]:>10.3f}")
-    lines += [
-        f"extra parameters: {r['extra_parameters']:,} ({100 * r['extra_parameter_fraction']:.1f}% of the transformer)",
-        f"latency per image ({r['threads']} thread(s)): base {lat['base_s'] * 1000:.0f} ms, control with KV cache "
-        f"{lat['control_kv_cache_s'] * 1000:.0f} ms, without {lat['control_no_cache_s'] * 1000:.0f} ms "
-        f"(cache speed-up x{lat['kv_cache_speedup']:.2f}; "
-        f"control overhead {100 * lat['control_overhead_with_cache']:+.0f}%)",
-    ]
+    q = r.get("quality_fd") or {}
+    if q.get("with_control") is not None:
+        lines.append(
+            f"{'quality FD':<14}{q['with_control']:>14.3f}{q['without_control']:>10.3f}  (to the source images)"
+        )
+    lines.append(
+        f"extra parameters: {r['extra_parameters']:,} ({100 * r['extra_parameter_fraction']:.1f}% of the transformer)"
+    )
+    fl = r.get("flops_per_call")
+    if fl and fl.get("control_extra_fraction") is not None:
+        lines.append(
+            f"FLOPs per transformer call: base {fl['base'] / 1e6:.1f} M, with control {fl['control'] / 1e6:.1f} M "
+            f"({100 * fl['control_extra_fraction']:+.1f}%; first call {fl['control_first_call'] / 1e6:.1f} M)"
+        )
+    if lat.get("kv_cache_speedup") is not None:
+        lines.append(
+            f"latency per image ({r['threads']} thread(s)): base {lat['base_s'] * 1000:.0f} ms, control with KV cache "
+            f"{lat['control_kv_cache_s'] * 1000:.0f} ms, without {lat['control_no_cache_s'] * 1000:.0f} ms "
+            f"(cache speed-up x{lat['kv_cache_speedup']:.2f}; "
+            f"control overhead {100 * lat['control_overhead_with_cache']:+.0f}%)"
+        )
+    else:
+        lines.append(
+            f"latency per image ({r['threads']} thread(s)): base {lat['base_s'] * 1000:.0f} ms, control "
+            f"{lat['control_kv_cache_s'] * 1000:.0f} ms "
+            f"(control overhead {100 * lat['control_overhead_with_cache']:+.0f}%)"
+        )
     return "\n".join(lines)
 
 
