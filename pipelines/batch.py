@@ -401,7 +401,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output-dir", type=Path, default=None, help="default: outputs/batch-<prompts file name>")
     p.add_argument("--negative-prompt", default="", help="default negative prompt")
     p.add_argument("--seed", type=int, default=0, help="base of the seeds derived for rows that give none")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="default: 20 images, 25 video, 100 point clouds")
     p.add_argument("--guidance", type=float, default=None, help="default: 4.5 text, 4.0 class, 1.0 point-cloud models")
     p.add_argument("--width", type=int, default=None, help="default: the model's trained size")
     p.add_argument("--height", type=int, default=None)

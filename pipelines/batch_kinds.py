@@ -70,7 +70,7 @@ class Defaults:
     model: str | None = None
     negative_prompt: str = ""
     seed: int = 0
-    steps: int = 20
+    steps: int | None = None  # None: the kind's own default (RowKind.default_steps)
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
@@ -209,8 +209,7 @@ class RowKind:
     kind: str = ""
     columns: tuple[str, ...] = ()
     suffix = ".png"  # the main file; ``record_file`` says where the record is
-    #: the keyword a pipeline of this kind takes for "outputs per call"
-    count_arg = "num_images_per_prompt"
+    default_steps = 20  # when neither the row nor --steps gives any: what the kind's pipeline is made for
 
     def check(self, c: RowCheck) -> dict[str, Any]:
         raise NotImplementedError
@@ -233,9 +232,9 @@ class RowKind:
             return None
 
     # shared pieces --------------------------------------------------------------------------------
-    @staticmethod
-    def sampling(c: RowCheck, guidance: bool = True, kind_guidance: float = 4.5) -> dict[str, Any]:
-        out: dict[str, Any] = {"steps": c.number("steps", as_int, c.defaults.steps, 1, MAX_STEPS)}
+    def sampling(self, c: RowCheck, guidance: bool = True, kind_guidance: float = 4.5) -> dict[str, Any]:
+        steps = c.defaults.steps or self.default_steps
+        out: dict[str, Any] = {"steps": c.number("steps", as_int, steps, 1, MAX_STEPS)}
         if guidance:
             default = c.defaults.guidance if c.defaults.guidance is not None else kind_guidance
             out["guidance"] = c.number("guidance", as_float, default, 0, 100)
@@ -473,7 +472,7 @@ class VideoRows(RowKind):
     kind = "video"
     columns = ("task", "video", "num_given", "stride", "frame_index")
     suffix = ".json"
-    count_arg = "num_videos"
+    default_steps = 25  # VideoPipeline's default (DPM-Solver++)
 
     def check(self, c: RowCheck) -> dict[str, Any]:
         from dit.video_masks import TASKS
@@ -536,7 +535,7 @@ class PointCloudRows(VideoRows):
 
     kind = "point-cloud"
     columns = ("class", "points")
-    count_arg = "num_clouds_per_label"
+    default_steps = 100  # DiT-3D samples with ancestral DDPM; 20 steps of it leave noisy clouds
 
     def check(self, c: RowCheck) -> dict[str, Any]:
         c.refuse(("prompt", "negative_prompt", "width", "height"), "is a point-cloud model")

@@ -87,6 +87,7 @@ def test_every_kind_validates_its_own_columns(tmp_path, models, inputs):
     assert (var.steps, var.width, var.params["top_k"], var.guidance) == (SCALES, 8, 5, 2)
     assert video.params["video"] == str((inputs / "clip.gif").resolve()) and video.params["num_given"] == 2
     assert (points.class_label, points.params["points"], points.guidance) == (2, 64, 1.0)
+    assert (t2i.steps, points.steps) == (20, 100)  # no --steps: each kind's own default (DiT-3D's DDPM wants 100)
     assert control.params["controls"] == [
         {"image": str((inputs / "edges.png").resolve()), "adapter": "edges", "strength": 1.0, "preprocessor": "auto"}
     ]
