@@ -286,3 +286,36 @@ def test_resume_continues_the_lora_run_exactly(tiny_models_dir, lora_data, tmp_p
     assert losses(tmp_path / "split") == losses(full.out)
     a, b = read_lora(full.out), read_lora(tmp_path / "split")
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_batch_rows_apply_their_loras_and_the_next_row_runs_without(t2i_loras, tiny_models_dir, tmp_path):
+    from PIL import Image
+
+    from pipelines.batch import main
+
+    _, style, faces = t2i_loras
+    pipe = load_pipeline(tiny_models_dir / "tiny-t2i")
+    kw = dict(num_inference_steps=2, seed=3, output_type="np")
+    base = pipe("red cat", **kw).images[0]
+    load_loras(pipe, [(style, 0.8), (faces, 0.8)])
+    both = pipe("red cat", **kw).images[0]
+    rows = tmp_path / "rows.jsonl"
+    (tmp_path / "loras").mkdir()
+    for path in (style, faces):  # relative names are read from the prompts file's folder
+        (tmp_path / "loras" / path.name).write_bytes(path.read_bytes())
+    lora = f"loras/{style.name};loras/{faces.name}"
+    rows.write_text(
+        json.dumps({"prompt": "red cat", "seed": 3, "lora": lora, "lora_weight": 0.8})
+        + "\n"
+        + json.dumps({"prompt": "red cat", "seed": 3})
+        + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    argv = [str(rows), "--models-dir", str(tiny_models_dir), "--no-default-models", "--model", "tiny-t2i"]
+    assert main([*argv, "-o", str(out), "--steps", "2", "--quiet"]) == 0
+    got = [np.asarray(Image.open(out / name)) for name in ("00000-00-3.png", "00001-00-3.png")]
+    np.testing.assert_array_equal(got[0], (both * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(got[1], (base * 255).round().astype(np.uint8))
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["record"]
+    assert [(a["weight"]) for a in record["adapters"]] == [0.8, 0.8]
