@@ -177,7 +177,9 @@ def attention_variants() -> list[str]:
 
 def apply_attention(pipe: Any, variant: str | None) -> None:
     """Put attention ``variant`` (a label such as ``agentsd[ratio=0.5]``) on ``pipe``'s transformer unless it is
-    already there; errors become :class:`InputError` naming the fix. ``None`` keeps what the pipeline has."""
+    already there; errors become :class:`InputError` naming the fix. ``None`` keeps what the pipeline has, and
+    ``"sdpa"`` (every form's default) means the model's own attention: a model trained with agent attention keeps it.
+    """
     if variant is None or variant == pipe.attention_label():
         return
     try:
@@ -185,7 +187,7 @@ def apply_attention(pipe: Any, variant: str | None) -> None:
     except ImportError:
         raise InputError(f"Attention variant {variant!r} cannot be set on this model yet.") from None
     try:
-        set_attention(pipe.transformer, variant)
+        set_attention(pipe.transformer, variant, keep_trained=True)
     except ValueError as e:  # dit.attention.AttentionConfigError: the message names the fix
         raise InputError(str(e)) from None
 

@@ -180,3 +180,16 @@ def test_training_with_agent_attention_from_yaml(emoji_folder, tmp_path, monkeyp
     result = pipe("red apple", num_inference_steps=2, seed=0, output_type="np")
     assert result.images.shape == (1, 16, 16, 3)
     assert result.records[0].attention == label
+
+    # The UI's default ("sdpa") keeps an agent-trained model on its own attention; a training-free choice and
+    # the default again give back the same trained processors (the service runs every tab's attention choice).
+    from pipelines.service import apply_attention
+
+    apply_attention(pipe, "sdpa")
+    assert pipe.attention_label() == label
+    apply_attention(pipe, "window[window_size=2]")
+    assert not isinstance(blocks[0].attn1.processor, AgentAttnProcessor)
+    apply_attention(pipe, "sdpa")
+    assert pipe.attention_label() == label and processor_params(pipe.transformer).keys() == loaded.keys()
+    again = pipe("red apple", num_inference_steps=2, seed=0, output_type="np")
+    assert (again.images == result.images).all()
