@@ -39,6 +39,7 @@ TASK_LABELS: dict[str, str] = {
 }
 LABEL_OF = {task: label for label, task in TASK_LABELS.items()}
 MAX_INPUT_FRAMES = 256
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 _cancel: dict[str, threading.Event] = {}
 _cancel_lock = threading.Lock()
@@ -159,6 +160,9 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
                 elem_id="video-upload",
             )
             task = gr.Radio(list(TASK_LABELS), value=next(iter(TASK_LABELS)), label="Task", elem_id="video-task")
+            clip = EXAMPLES / "sprite-clip.gif"
+            if clip.is_file():  # a held-out sprite clip (assets/examples/README.md)
+                gr.Examples([[[str(clip)], "predict the next frames"]], [files, task], label="Example")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="video-generate")
                 stop = gr.Button("Stop", variant="stop")
