@@ -88,7 +88,5 @@ class AdaLNSingle(nn.Module):
         hidden_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         added = added_cond_kwargs or {}
-        embedded = self.emb(
-            timestep, added.get("resolution"), added.get("aspect_ratio"), batch_size, hidden_dtype
-        )
+        embedded = self.emb(timestep, added.get("resolution"), added.get("aspect_ratio"), batch_size, hidden_dtype)
         return self.linear(self.silu(embedded)), embedded

@@ -15,7 +15,6 @@ from .registry import kind_of
 ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 
 
-
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str

@@ -29,7 +29,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 STOCK_TEXT = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
 
-
 def resolve_model_path(name_or_path: str | Path, catalog: Catalog | None = None) -> Path:
     """Catalog name -> its directory; existing directory -> itself; ``org/name`` -> hub snapshot."""
     text = str(name_or_path)
