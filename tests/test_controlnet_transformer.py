@@ -312,6 +312,10 @@ def test_training_a_controlnet_lowers_the_loss_and_the_pipeline_loads_it(tmp_pat
         after = float(trainer.loss(batch))
     assert after < 0.97 * before, (before, after)
     assert (tmp_path / "run" / "validation" / "step-0000020.png").is_file()
+    resumed = ControlTrainer(load_control_config(values=values | {"validation.every": 0}))
+    again = resumed.train(resume="auto")  # the checkpoint's adapter file goes back into the adapter (_load_hook)
+    with safe_open(str(out), "pt") as a, safe_open(str(again), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
     pipe = ControlTextToImagePipeline.from_pretrained(tmp_path / "t2i")
     pipe.set_progress_bar_config(disable=True)
     name = pipe.register_control_adapter(out)
