@@ -134,10 +134,15 @@ def transformer_flops(pipe: Any, control: dict[str, Any] | None, size: int, prom
     without CFG. EasyControl computes its condition branch in the first call only (the K/V cache), so the two
     differ; ControlNet-Transformer and RelaCtrl run their branch at every call.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
 
     calls: list[int] = []
-    counter = FlopCounterMode(display=False)
+    # PyTorch's table has no entry for the CPU flash kernel SDPA dispatches to, which would count attention as 0.
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa} if cpu_sdpa is not None else None)
     model = pipe.transformer
 
     def before(module: Any, args: Any, kwargs: Any) -> None:
