@@ -328,3 +328,31 @@ def test_training_a_controlnet_lowers_the_loss_and_the_pipeline_loads_it(tmp_pat
         load_control_config(values=values | {"optim.gradient_checkpointing": True})
     with pytest.raises(ConfigError, match="adapter.kind"):
         load_control_config(values=values | {"adapter.kind": "t2i-adapter"})
+
+
+def test_evaluate_control_measures_residual_adapters_quality_and_attention_flops(tmp_path, control_data_dir):
+    import numpy as np
+
+    from training.evaluate_control import evaluate, frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 3))
+    assert abs(frechet_distance(a, a)) < 1e-9
+    assert abs(frechet_distance(a, a + 2.0) - 12.0) < 1e-6  # |mu shift|^2 = 3 * 2^2, same covariance
+    pipe = ControlTextToImagePipeline.from_text_pipeline(tiny_text_pipeline())
+    bc = BlockControl.attach(pipe.transformer)
+    adapter = ControlNetTransformer.from_transformer(pipe.transformer, 1)
+    randomize(adapter, seed=5, scale=0.5)
+    bc.add_adapter("cn", adapter.eval(), {"preprocessor": "canny"})
+    bc.save_adapter("cn", tmp_path / "pipe" / "controls" / "cn.safetensors")
+    bc.detach()
+    pipe.save_pretrained(tmp_path / "pipe")
+    report = evaluate(str(tmp_path / "pipe"), "cn", control_data_dir, num_images=2, steps=2, repeats=1)
+    assert report["adapter_kind"] == "controlnet" and report["extra_parameters"] == sum(
+        p.numel() for p in adapter.parameters()
+    )
+    flops = report["flops_per_call"]
+    # one copied block of two, plus the projections: between +40% and +70% of the base call, attention included
+    assert 0.4 < flops["control_extra_fraction"] < 0.7, flops
+    assert report["quality_fd"]["with_control"] >= 0 and "edge_f1" in report["fidelity_with_control"]
+    assert report["latency_per_image"]["kv_cache_speedup"] is None  # no condition cache for this kind
