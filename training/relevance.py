@@ -111,6 +111,7 @@ def relevance(
     seed: int = 0,
     holdout_fraction: float = 0.0,
     preprocessor: str | None = None,
+    num_blocks: int | None = None,
 ) -> dict[str, Any]:
     """Skip each control block of ``adapter`` in turn; return the per-block scores, ranks, CRS and a placement."""
     from control.relactrl import placement_from_scores
@@ -146,7 +147,7 @@ def relevance(
     for r, c, fr, hr in zip(rows, crs, f, h):
         r.update(crs=c, rank_quality=fr, rank_fidelity=hr)
     scores = {r["position"]: r["crs"] for r in rows}
-    n = max(1, round(len(rows) / 3))
+    n = num_blocks or max(1, round(len(rows) / 3))
     suggested_positions, suggested_groups = placement_from_scores(scores, n)
     return {
         "pipeline": str(pipeline),
@@ -192,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout-fraction", type=float, default=0.0, help="score on the held-out split only")
     p.add_argument("--preprocessor", help="override the adapter's recorded preprocessor")
+    p.add_argument("--num-blocks", type=int, help="RelaCtrl blocks to suggest (default: a third of the positions)")
     p.add_argument("--out", help="write the report as JSON (what train_control's relactrl.relevance reads)")
     return p.parse_args(argv)
 
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.holdout_fraction,
             args.preprocessor,
+            args.num_blocks,
         )
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
