@@ -87,3 +87,14 @@ def test_video_tab_upload_a_clip_and_predict_the_next_frames(page):
     expect(page.locator("#video-status")).to_contain_text("given")
     expect(page.locator("#video-result video")).to_be_visible(timeout=60_000)
     _screenshot(page, "video")
+
+
+def test_text_tab_type_a_prompt_and_get_four_images(page):
+    expect = sync_api.expect
+    page.locator("#text_to_image-prompt textarea").fill("grinning face")
+    page.get_by_label("Batch size").first.fill("4")
+    page.get_by_label("Batch size").first.press("Enter")
+    page.locator("#text_to_image-generate").click()
+    expect(page.locator("#text_to_image-status")).to_contain_text("4 image(s)", timeout=120_000)
+    assert page.locator("#text_to_image-gallery img").count() >= 4
+    _screenshot(page, "text-to-image")
