@@ -41,7 +41,7 @@ class PointCloudRequest:
     class_label: str | int
     num_points: int = 2048
     steps: int = 100
-    guidance_scale: float = 2.0
+    guidance_scale: float = 1.0  # DiT-3D samples and is evaluated without guidance
     scheduler: str | None = None
     seed: int = -1
     count: int = 1
@@ -214,7 +214,7 @@ def build_point_cloud_tab(ctx: TabContext) -> TabHandle:
                     points = gr.Slider(256, UI_MAX_POINTS, value=2048, step=256, label="Points")
                     steps = gr.Slider(1, UI_MAX_STEPS, value=100, step=1, label="Steps")
                 with gr.Row():
-                    guidance = gr.Slider(0, 10, value=2.0, step=0.1, label="Guidance (CFG; 1 = off)")
+                    guidance = gr.Slider(0, 10, value=1.0, step=0.1, label="Guidance (CFG; 1 = off)")
                     scheduler = gr.Dropdown(
                         [DEFAULT_SCHEDULER, *scheduler_names()], value=DEFAULT_SCHEDULER, label="Scheduler"
                     )
