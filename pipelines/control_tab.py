@@ -74,14 +74,17 @@ ADAPTER_KIND_LABELS = {"easycontrol": "EasyControl", "controlnet": "ControlNet-T
 
 
 def adapter_choices_for(files: dict[str, Path]) -> list[tuple[str, str]]:
-    """Dropdown choices ``(label, name)``: the adapter name with its kind (from the file's ``adapter_type``)."""
+    """Dropdown choices ``(label, name)``: the adapter name with its kind (from the file's ``adapter_type``);
+    EasyControl adapters first (the cheapest per step, and the one the first slot preselects), then by name."""
     from .control import adapter_kind
 
-    out = []
+    order = list(ADAPTER_KIND_LABELS)
+    rows = []
     for name, path in files.items():
         kind = adapter_kind(adapter_metadata(path))
-        out.append((f"{name} · {ADAPTER_KIND_LABELS.get(kind, kind)}", name))
-    return out
+        rank = order.index(kind) if kind in order else len(order)
+        rows.append((rank, name, f"{name} · {ADAPTER_KIND_LABELS.get(kind, kind)}"))
+    return [(label, name) for _, name, label in sorted(rows)]
 
 
 def model_control_cfg(service: Any, model: str) -> bool:
