@@ -94,16 +94,6 @@ class LoraTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
 def load_lora_config(
     path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
 ) -> LoraTrainConfig:

@@ -35,13 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from pipelines.lora import LORA_WEIGHT_NAME
 
-from .config import CheckpointConfig, ConfigError, ValidationConfig, _build
-from .lora import LoraDataConfig, LoraOptimConfig, LoraTrainer, _set_path
+from .config import CheckpointConfig, ConfigError, ValidationConfig, load_dataclass_config
+from .lora import LoraDataConfig, LoraOptimConfig, LoraTrainer
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -127,20 +126,7 @@ def load_control_config(
     """YAML file, then ``values`` (typed, e.g. from flags), then ``key=value`` overrides; checked strictly."""
     from control.preprocessors import PREPROCESSORS, unavailable_reason
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for key, value in (values or {}).items():
-        _set_path(data, key, value)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        _set_path(data, key, yaml.safe_load(value))
-    config = _build(ControlTrainConfig, data, "")
+    config = load_dataclass_config(ControlTrainConfig, path, overrides, values)
     if not config.pipeline:
         raise ConfigError("no base model: pass --pipeline (a catalog name, pipeline directory or hub id)")
     lc, cc = config.lora, config.control
