@@ -206,6 +206,13 @@ def copy_block(transformer: nn.Module, index: int) -> nn.Module:
     ec = getattr(transformer, _EASYCONTROL_ATTR, None)
     with ec.detached() if ec is not None else contextlib.nullcontext():
         block = copy.deepcopy(base_blocks(transformer)[index])
+    # deepcopy also copies forward hooks: a copy of a base block that BlockControl already hooks would re-enter the
+    # control loop from inside the control branch (nested residuals; a batch-size error for several images)
+    for module in block.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+        module._forward_hooks.clear()
+        module._forward_hooks_with_kwargs.clear()
     block.requires_grad_(True)
     return block
 

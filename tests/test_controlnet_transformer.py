@@ -126,6 +126,25 @@ def test_hooked_forward_equals_the_official_controlnet_forward_and_cfg_half_only
             model(**kw)
 
 
+def test_blocks_copied_after_the_hooks_are_installed_are_plain_blocks():
+    """The pipeline and the trainer attach BlockControl first and copy blocks afterwards (a second adapter, a loaded
+    file): the copies must not carry BlockControl's hooks, which would nest control inside the control branch."""
+    model = perturb(TextDiTModel(**TINY3), seed=1).eval()
+    bc = BlockControl.attach(model)
+    adapter = ControlNetTransformer.from_transformer(model, 2).eval()
+    randomize(adapter, seed=2)
+    bc.add_adapter("cn", adapter)
+    for block in adapter.modules():
+        assert not block._forward_pre_hooks and not block._forward_hooks
+    kw = inputs(model)
+    cond = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = _official_forward(model, adapter, kw["hidden_states"], kw["encoder_hidden_states"], kw["timestep"], cond)
+        with bc.conditioned([ResidualCondition(cond, "cn")]):
+            got = model(**kw).sample
+    assert (want - got).abs().max() < 1e-5
+
+
 def _official_file(model: TextDiTModel, adapter: ControlNetTransformer) -> dict[str, torch.Tensor]:
     """Our model + adapter written as PixArt-α's ControlPixArtHalf state dict (base_model.*, controlnet.*)."""
     sd = model.state_dict()
