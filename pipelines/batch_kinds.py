@@ -28,7 +28,6 @@ MAX_COUNT = 64
 MAX_POINTS = 100_000
 #: Columns every kind reads; each kind adds its own (:attr:`RowKind.columns`).
 COMMON_COLUMNS = ("model", "seed", "count", "steps", "guidance", "scheduler", "attention")
-CONTROLS_DIR = "controls"  # as pipelines.control: a pipeline directory's shipped control adapters
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -404,6 +403,9 @@ class ControlRows(TextToImageRows):
     columns = (*TextToImageRows.columns, "control_image", "adapter", "strength", "preprocessor", "controls")
 
     def adapters(self, c: RowCheck) -> list[str]:
+        """The adapters the model directory ships (registered by name when the pipeline loads)."""
+        from .control import CONTROLS_DIR
+
         folder = c.model_path / CONTROLS_DIR if c.model_path is not None else None
         return sorted(p.stem for p in folder.glob("*.safetensors")) if folder and folder.is_dir() else []
 
