@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,17 +14,11 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from serving import serve_app  # noqa: E402
 
-import app  # noqa: E402
 from pipelines import Catalog, InputError  # noqa: E402
 from pipelines.metadata import GenerationRecord, read_record  # noqa: E402
 from pipelines.service import GenerationRequest, GenerationService, size_for_aspect  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +27,9 @@ def served(tiny_models_dir, tmp_path_factory):
     extra = tmp_path_factory.mktemp("more-models")  # holds only loras/
     (extra / "loras").mkdir()
     (extra / "loras" / "style.safetensors").write_bytes(b"\x80\x04not really safetensors")
-    port = free_port()
-    args = app.parse_args(
-        ["--models-dir", str(tiny_models_dir), "--models-dir", str(extra), "--no-default-models"]
-        + ["--output-dir", str(out), "--port", str(port)]
-    )
-    service = app.make_service(args)
-    demo = app.build_demo(service)
-    app.launch(demo, service, args, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    argv = ["--models-dir", str(tiny_models_dir), "--models-dir", str(extra), "--no-default-models"]
+    with serve_app([*argv, "--output-dir", str(out)]) as (url, service):
         yield SimpleNamespace(client=Client(url, verbose=False), service=service, out=out, url=url)
-    finally:
-        demo.close()
 
 
 def test_endpoints_are_named(served):

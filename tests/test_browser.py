@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -31,25 +30,14 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
-import app  # noqa: E402
+from serving import serve_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def url(tiny_models_dir, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("outputs")
-    args = app.parse_args(
-        ["--models-dir", str(tiny_models_dir), "--no-default-models", "--output-dir", str(out), "--port", str(port)]
-    )
-    service = app.make_service(args)
-    demo = app.build_demo(service)
-    app.launch(demo, service, args, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve_app(["--models-dir", str(tiny_models_dir), "--no-default-models", "--output-dir", str(out)]) as (url, _):
+        yield url
 
 
 def test_type_a_prompt_generate_and_see_the_image(url):

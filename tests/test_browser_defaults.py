@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,23 +24,14 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
-import app  # noqa: E402
+from serving import serve_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("outputs")
-    args = app.parse_args(["--output-dir", str(out), "--port", str(port)])  # the shipped catalog, as `python app.py`
-    service = app.make_service(args)
-    demo = app.build_demo(service)
-    app.launch(demo, service, args, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve_app(["--output-dir", str(out)]) as (url, _):  # the shipped catalog, as `python app.py`
+        yield url
 
 
 @pytest.fixture()

@@ -587,7 +587,6 @@ def test_ui_pick_chair_turn_it_around_and_download(tmp_path, pipe):
     """The issue's "done when", in a real browser: pick chair, generate, drag the 3D view, download links."""
     import os
     import shutil
-    import socket
     import time
 
     chromium = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -595,21 +594,11 @@ def test_ui_pick_chair_turn_it_around_and_download(tmp_path, pipe):
         pytest.skip("no Chromium (apt-get install chromium, or set CHROMIUM_PATH)")
     sync_api = pytest.importorskip("playwright.sync_api")
     gradio_client = pytest.importorskip("gradio_client")
-    import app
+    from serving import serve_app
 
     pipe.save_pretrained(tmp_path / "models" / "tiny-points")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = app.parse_args(
-        ["--models-dir", str(tmp_path / "models"), "--no-default-models", "--output-dir", str(tmp_path / "out")]
-        + ["--port", str(port)]
-    )
-    service = app.make_service(args)
-    demo = app.build_demo(service)
-    app.launch(demo, service, args, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    argv = ["--models-dir", str(tmp_path / "models"), "--no-default-models", "--output-dir", str(tmp_path / "out")]
+    with serve_app(argv) as (url, _):
         client = gradio_client.Client(url, verbose=False)
         files, _, seed, status, record = client.predict(  # the view list is session state, not returned
             model="tiny-points", class_label="chair", num_points=256, steps=2, guidance_scale=1.0,
@@ -649,5 +638,3 @@ def test_ui_pick_chair_turn_it_around_and_download(tmp_path, pipe):
                     page.screenshot(path=shot, full_page=True)
             finally:
                 browser.close()
-    finally:
-        demo.close()
