@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .modulation import AdaLNZero, modulate
-from .qk_norm import AcrossHeadsQKNormAttnProcessor
+from .qk_norm import ACROSS_HEADS, AcrossHeadsQKNormAttnProcessor
 
 
 class DiTBlock(nn.Module):
@@ -46,8 +46,9 @@ class DiTBlock(nn.Module):
         self.modulation = modulation
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         # qk-norm normalises self-attention only, as PixArt-Σ does; "layer_norm_across_heads" is Σ's form
-        # (one LayerNorm over all heads, PyTorch's default eps 1e-5).
-        across = qk_norm == "layer_norm_across_heads"
+        # (one LayerNorm over all heads, PyTorch's default eps 1e-5). diffusers sizes an across-heads norm from
+        # kv_heads, so it must be given.
+        across = qk_norm in ACROSS_HEADS
         self.attn1 = Attention(
             query_dim=dim,
             heads=num_attention_heads,
@@ -55,7 +56,7 @@ class DiTBlock(nn.Module):
             dim_head=attention_head_dim,
             bias=attention_bias,
             qk_norm=qk_norm,
-            eps=1e-5 if across else 1e-6,
+            eps=1e-5 if qk_norm == "layer_norm_across_heads" else 1e-6,
             out_bias=True,
         )
         if across:

@@ -1,7 +1,9 @@
 """SDPA self-attention with PixArt-Σ's qk-norm: one LayerNorm over all heads, applied before the head split.
 
 diffusers' ``AttnProcessor2_0`` applies ``norm_q``/``norm_k`` after splitting heads, which only fits per-head
-norms; with ``qk_norm="layer_norm_across_heads"`` it fails. Our blocks use this processor in that case.
+norms; with ``qk_norm="layer_norm_across_heads"`` (or ``"rms_norm_across_heads"``) it fails. Our blocks use this
+processor in that case, and every ``dit.attention`` processor asks :func:`normalizes_across_heads` where to apply
+the norms.
 """
 
 from __future__ import annotations
@@ -11,6 +13,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+
+
+ACROSS_HEADS = ("layer_norm_across_heads", "rms_norm_across_heads")
+
+
+def norm_width(norm: Any) -> int | None:
+    """The feature width a LayerNorm / RMSNorm normalises over, or None for other modules."""
+    shape = getattr(norm, "normalized_shape", None)  # nn.LayerNorm
+    shape = getattr(norm, "dim", None) if shape is None else shape  # diffusers' RMSNorm stores a torch.Size
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape):
+        return int(shape[-1])
+    return None
+
+
+def normalizes_across_heads(attn: Attention) -> bool:
+    """Whether ``attn``'s qk-norm spans all heads (applied to ``to_q(x)`` before the head split)."""
+    norm = getattr(attn, "norm_q", None)
+    if norm is None or attn.heads == 1:
+        return False
+    return norm_width(norm) == attn.inner_dim
 
 
 class AcrossHeadsQKNormAttnProcessor:

@@ -81,6 +81,51 @@ def test_one_window_over_the_grid_is_full_attention(grid):
         close(attn(x, token_grid=grid), expected)
 
 
+@pytest.mark.parametrize("qk_norm", ["layer_norm_across_heads", "rms_norm_across_heads"])
+def test_qk_norm_across_heads_is_applied_before_the_head_split(qk_norm):
+    """PixArt-Σ normalises q and k over all heads at once; every processor must do so before splitting heads."""
+    from dit.qk_norm import AcrossHeadsQKNormAttnProcessor, normalizes_across_heads
+
+    attn = Attention(query_dim=24, heads=3, kv_heads=3, dim_head=8, bias=True, qk_norm=qk_norm, eps=1e-6).double()
+    with torch.no_grad():  # non-trivial norm weights, so applying them per head would differ
+        attn.norm_q.weight.uniform_(0.5, 1.5)
+        attn.norm_k.weight.uniform_(0.5, 1.5)
+    assert normalizes_across_heads(attn) and not normalizes_across_heads(make_attn(qk_norm="layer_norm"))
+    grid = (4, 6)
+    x = tokens(grid)
+    attn.set_processor(AcrossHeadsQKNormAttnProcessor())
+    expected = attn(x)
+    attn.set_processor(WindowAttnProcessor(grid))  # one window over the grid is full attention
+    close(attn(x, token_grid=grid), expected)
+    proc = AgentAttnProcessor(3, 24, grid_size=grid, agent_num=4).double()
+    attn.set_processor(proc)
+    close(attn(x, token_grid=grid), ref.agent_attention_reference(attn, proc, x, grid))
+    attn.set_processor(AgentSDAttnProcessor(0.4, 0.8, sx=2, sy=2, use_rand=False))  # agents take norm_q too
+    close(attn(x, token_grid=grid), ref.agentsd_reference(attn, x, grid, 0.4, 0.8, 2, 2, 0.3, 0.075, None))
+
+
+@pytest.mark.parametrize("qk_norm", ["layer_norm_across_heads", "rms_norm_across_heads"])
+def test_models_with_qk_norm_across_heads_take_every_variant(qk_norm):
+    from dit import DiTModel
+    from dit.qk_norm import AcrossHeadsQKNormAttnProcessor
+
+    model = DiTModel(
+        sample_size=16, patch_size=2, in_channels=3, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+        num_classes=4, learn_sigma=False, qk_norm=qk_norm,
+    ).eval()
+    args = (torch.randn(1, 3, 16, 16), torch.tensor([3]), torch.tensor([1]))
+    with torch.no_grad():
+        expected = model(*args).sample
+        for label in available_variants(include_trained=True):
+            if label == "xformers":
+                continue
+            set_attention(model, label)
+            assert torch.isfinite(model(*args).sample).all(), label
+        set_attention(model, "sdpa")  # back to full attention: the across-heads processor, not the stock one
+        assert isinstance(model.transformer_blocks[0].attn1.processor, AcrossHeadsQKNormAttnProcessor)
+        close(model(*args).sample, expected, tol=1e-6)
+
+
 def test_shift_moves_the_windows():
     attn, x = make_attn(), tokens((8, 8))
     attn.set_processor(WindowAttnProcessor(4))

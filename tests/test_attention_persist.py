@@ -104,6 +104,30 @@ def test_agent_trained_model_reloads_with_its_processors(cls, tmp_path):
     assert direct.state_dict().keys() == model.state_dict().keys()
 
 
+def test_agent_trained_video_model_reloads_with_its_processors(tmp_path):
+    """VDT's spatial attention takes agent attention per frame; trained, it persists like DiT's."""
+    from dit.models.vdt import VDTModel
+
+    torch.manual_seed(0)
+    model = VDTModel(**COMMON, num_frames=3, learn_sigma=False)
+    label = set_attention(model, "agent[agent_num=4]")
+    assert model.config.attention_variant == label == "agent[agent_num=4,grid_size=4x4]"
+    assert isinstance(model.transformer_blocks[0].temporal_attn.processor, AttnProcessor2_0)  # frames: untouched
+    perturb(model, seed=5)
+    model.eval()
+    x = torch.randn(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x, torch.tensor([10, 700])).sample
+    model.save_pretrained(tmp_path / "v")
+    again = VDTModel.from_pretrained(tmp_path / "v").eval()
+    assert again.attention_variant == label and processor_params(again).keys() == processor_params(model).keys()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, torch.tensor([10, 700])).sample, expected, rtol=0, atol=0)
+    # Agent attention pools queries on a 2D grid: over a whole clip it is refused with the way out.
+    with pytest.raises(AttentionConfigError, match="2D token grids"):
+        VDTModel(**COMMON, num_frames=3, spatial_attention_scope="video", attention_variant=label)(x, 10)
+
+
 def test_switching_away_and_back_keeps_the_trained_weights(tmp_path):
     model = tiny(DiTModel)
     label = set_attention(model, "agent[agent_num=4]")

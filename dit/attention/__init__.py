@@ -45,6 +45,7 @@ from typing import Any
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from ..qk_norm import AcrossHeadsQKNormAttnProcessor, normalizes_across_heads
 from .agent import AgentAttnProcessor, AgentSDAttnProcessor, bipartite_soft_matching
 from .grid import (
     AttentionConfigError,
@@ -108,6 +109,11 @@ def _grid_size(model: Any, opts: dict[str, Any]) -> tuple[int, int]:
     return side, side
 
 
+def _full_attention(attn: Attention) -> Any:
+    """diffusers' SDPA processor, or ours where the qk-norm spans all heads (PixArt-Σ), which the stock one breaks."""
+    return AcrossHeadsQKNormAttnProcessor() if normalizes_across_heads(attn) else AttnProcessor2_0()
+
+
 def _build_agent(attn: Attention, index: int, opts: dict[str, Any], model: Any) -> AgentAttnProcessor:
     proc = AgentAttnProcessor(attn.heads, attn.inner_dim, _grid_size(model, opts), opts["agent_num"])
     weight = attn.to_q.weight
@@ -117,7 +123,7 @@ def _build_agent(attn: Attention, index: int, opts: dict[str, Any], model: Any) 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("sdpa", {}, lambda attn, i, o, m: AttnProcessor2_0(), summary="full softmax attention"),
+        Variant("sdpa", {}, lambda attn, i, o, m: _full_attention(attn), summary="full softmax attention"),
         Variant(
             "window",
             {"window_size": 8},
@@ -180,6 +186,11 @@ if _xformers_available():  # pragma: no cover - not installed on CPU machines
     def _build_xformers(attn: Attention, index: int, opts: dict[str, Any], model: Any) -> Any:
         from diffusers.models.attention_processor import XFormersAttnProcessor
 
+        if normalizes_across_heads(attn):
+            raise AttentionConfigError(
+                "xformers' processor applies qk-norm per head; this model normalises across heads (PixArt-Σ). "
+                "Use 'sdpa'."
+            )
         return XFormersAttnProcessor()
 
     VARIANTS["xformers"] = Variant("xformers", {}, _build_xformers, summary="full attention through xformers")

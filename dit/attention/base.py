@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..qk_norm import normalizes_across_heads
 from .grid import AttentionConfigError
 
 
@@ -46,14 +47,23 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def project_q(attn: Any, x: torch.Tensor) -> torch.Tensor:
-    q = split_heads(attn, attn.to_q(x))
-    return attn.norm_q(q) if getattr(attn, "norm_q", None) is not None else q
+    """``to_q`` and qk-norm, split into heads: (B, heads, N, d). A norm over all heads (PixArt-Σ) goes first."""
+    q = attn.to_q(x)
+    if getattr(attn, "norm_q", None) is None:
+        return split_heads(attn, q)
+    if normalizes_across_heads(attn):
+        return split_heads(attn, attn.norm_q(q))
+    return attn.norm_q(split_heads(attn, q))
 
 
 def project_kv(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = split_heads(attn, attn.to_k(x))
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
+    k = attn.to_k(x)
+    if getattr(attn, "norm_k", None) is None:
+        k = split_heads(attn, k)
+    elif normalizes_across_heads(attn):
+        k = split_heads(attn, attn.norm_k(k))
+    else:
+        k = attn.norm_k(split_heads(attn, k))
     return k, split_heads(attn, attn.to_v(x))
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..qk_norm import normalizes_across_heads
+
 
 def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
     b, n, c = x.shape
@@ -27,11 +29,13 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 def qkv(attn: Any, xq: torch.Tensor, xkv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Per-head q, k, v of a diffusers ``Attention`` (with its qk-norm), the module's own Linear layers."""
     xkv = xq if xkv is None else xkv
-    q, k, v = _heads(attn, attn.to_q(xq)), _heads(attn, attn.to_k(xkv)), _heads(attn, attn.to_v(xkv))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    q, k, v = attn.to_q(xq), attn.to_k(xkv), attn.to_v(xkv)
+    across = normalizes_across_heads(attn)  # PixArt-Σ: one norm over all heads, before the split
+    if attn.norm_q is not None and across:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    q, k, v = _heads(attn, q), _heads(attn, k), _heads(attn, v)
+    if attn.norm_q is not None and not across:
+        q, k = attn.norm_q(q), attn.norm_k(k)
     return q, k, v
 
 

@@ -49,6 +49,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..attention import init_attention
 from ..blocks import DiTBlock, FinalLayerAdaLNZero, fused_qkv_xavier_init, unpatchify, xavier_init_linears
 from ..embeddings import PatchEmbed2D, TimestepEmbedder, sincos_1d
 
@@ -151,6 +152,7 @@ class VDTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
         spatial_attention_scope: str = "frame",
+        attention_variant: str = "sdpa",
     ):
         super().__init__()
         if spatial_attention_scope not in ("frame", "video"):
@@ -166,6 +168,8 @@ class VDTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         )
         self.final_layer = FinalLayerAdaLNZero(dim, patch_size, self.out_channels)
         self._init_weights()
+        # Last, so processors with parameters (agent attention) exist before from_pretrained loads their weights.
+        init_attention(self, attention_variant)
 
     @staticmethod
     def time_table(num_frames: int, dim: int) -> torch.Tensor:
