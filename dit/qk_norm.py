@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-
 ACROSS_HEADS = ("layer_norm_across_heads", "rms_norm_across_heads")
 
 

@@ -110,8 +110,15 @@ def test_models_with_qk_norm_across_heads_take_every_variant(qk_norm):
     from dit.qk_norm import AcrossHeadsQKNormAttnProcessor
 
     model = DiTModel(
-        sample_size=16, patch_size=2, in_channels=3, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-        num_classes=4, learn_sigma=False, qk_norm=qk_norm,
+        sample_size=16,
+        patch_size=2,
+        in_channels=3,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_classes=4,
+        learn_sigma=False,
+        qk_norm=qk_norm,
     ).eval()
     args = (torch.randn(1, 3, 16, 16), torch.tensor([3]), torch.tensor([1]))
     with torch.no_grad():
