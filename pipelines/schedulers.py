@@ -36,11 +36,18 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "lcm": (LCMScheduler, {}),
 }
 
+# What each sampler can step with. diffusers' Euler-ancestral has no x0 ("sample") branch and fails mid-run.
+_ALL_PREDICTIONS = frozenset({"epsilon", "sample", "v_prediction"})
+_PREDICTIONS: dict[str, frozenset[str]] = {"euler_a": frozenset({"epsilon", "v_prediction"})}
+
 _BY_CLASS = {cls.__name__: name for name, (cls, over) in SCHEDULERS.items() if not over.get("use_karras_sigmas")}
 
 
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+def scheduler_names(prediction_type: str | None = None) -> list[str]:
+    """Every short name, or those that can sample a model trained for ``prediction_type``."""
+    if prediction_type is None:
+        return list(SCHEDULERS)
+    return [name for name in SCHEDULERS if prediction_type in _PREDICTIONS.get(name, _ALL_PREDICTIONS)]
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
@@ -50,6 +57,12 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
         raise InputError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
     cls, overrides = SCHEDULERS[key]
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS.get(key, _ALL_PREDICTIONS):
+        raise InputError(
+            f"Scheduler {name!r} cannot sample a model that predicts {prediction!r}. "
+            f"Choose one of: {', '.join(scheduler_names(prediction))}."
+        )
     if config.get("variance_type") in ("learned", "learned_range"):
         # Our loop drops the predicted variance before stepping (as diffusers' DiT/PixArt pipelines do).
         config["variance_type"] = "fixed_small"

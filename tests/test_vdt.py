@@ -241,6 +241,11 @@ def test_pipeline_input_errors():
         pipe(task="unconditional", num_frames=1, num_inference_steps=2)
     out = pipe(task="unconditional", num_inference_steps=2, seed=0, output_type="np", height=8, width=8)
     assert out.frames.shape == (1, 4, 8, 8, 3) and out.given == []
+    # An x0-predicting model (the shipped default) with a sampler that cannot step x0: refused before sampling.
+    pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="sample")
+    with pytest.raises(InputError, match="'euler_a' cannot sample a model that predicts 'sample'. Choose one of: dpm"):
+        pipe(task="unconditional", num_inference_steps=2, scheduler="euler_a")
+    assert pipe(task="unconditional", num_inference_steps=2, scheduler="ddpm", output_type="np").frames.shape[1] == 4
 
 
 def test_save_load_through_registry(tmp_path):
@@ -485,6 +490,9 @@ def test_metrics_and_baselines():
     assert frechet_distance(mu, cov, mu + 2, cov) == pytest.approx(16, abs=1e-6)
     report = evaluate(tiny_pipe(), [random_frames(4, seed=i) for i in range(2)], steps=2)
     assert set(report["tasks"]["interpolate"]) >= {"model", "copy_last_frame", "linear_blend"}
+    # Prediction is given the reference's first frames (evaluate checks the output's given frames against them;
+    # handing over the whole clip made the pipeline continue from its last frames, past the reference).
+    assert report["tasks"]["predict"]["given_frames"] == [0, 1]
     assert "skipped" in report["fvd"]
 
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dit.video_masks import default_num_given
+
 I3D_DEFAULT = Path.home() / ".cache" / "dit-studio" / "i3d_torchscript.pt"
 
 
@@ -179,10 +181,20 @@ def evaluate(
         given: list[int] = []
         for i, ref in enumerate(refs):
             real = _to_tensor(ref)
+            # Prediction gets only the frames it is given: the pipeline reads a longer clip as context and
+            # continues from its *last* frames, which would ask for frames after the reference ends.
+            k = default_num_given(len(ref)) if num_given is None else num_given
+            context = ref[:k] if task == "predict" else ref
             out = pipe(
-                task=task, video=ref, num_given=num_given, stride=stride, num_inference_steps=steps, seed=seed + i
+                task=task, video=context, num_given=num_given, stride=stride, num_inference_steps=steps, seed=seed + i
             )
             given = out.given
+            got = _to_tensor([out.frames[0][j] for j in given])
+            if got.shape[-2:] == real.shape[-2:] and not torch.allclose(got, real[given], atol=1.5 / 255):
+                raise RuntimeError(
+                    f"{task}: the output's given frames {given} differ from the reference's frames at those positions, "
+                    "so the generated frames would be scored against frames the model was not asked for"
+                )
             gen = [j for j in range(real.shape[0]) if j not in given]
             candidates = {"model": _to_tensor(out.frames[0]), "copy_last_frame": copy_last_frame(real, given)}
             if task == "interpolate":
@@ -228,6 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="video pipeline directory or catalog name")
     p.add_argument("--clips", type=int, default=32, help="held-out clips")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--scheduler", default=None, help="sampler short name (default: the model's own), e.g. ddpm")
     p.add_argument("--tasks", nargs="+", default=["predict", "interpolate"], choices=["predict", "interpolate"])
     p.add_argument("--num-given", type=int, default=None, help="prediction: frames given (default T // 2)")
     p.add_argument("--stride", type=int, default=None, help="interpolation: every n-th frame given")
@@ -248,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(pipe, "kind", None) != "video":
         print(f"error: {args.model} is not a video model", file=sys.stderr)
         return 2
+    if args.scheduler:
+        from pipelines.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     refs = held_out_clips(pipe, args.clips, args.data_folder, args.emoji_root, args.seed)
     i3d = find_i3d(args.i3d)
     report = evaluate(pipe, refs, tuple(args.tasks), args.steps, 0, args.num_given, args.stride, i3d)
+    report["scheduler"] = type(pipe.scheduler).__name__
     print(format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
