@@ -469,8 +469,13 @@ def test_training_resumes_exactly_and_saves_a_pipeline(tmp_path, emoji_folder):
     assert len(la) == 4 and la == pytest.approx(lb, abs=1e-6)
     pipe = VideoPipeline.from_pretrained(tmp_path / "a" / "pipeline")
     assert pipe.num_frames == 4 and (tmp_path / "a" / "pipeline" / "training_config.yaml").is_file()
+    # VDT's sampler: ancestral DDPM clipping x0 to the pixel range, over the training schedule.
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and pipe.scheduler.config.thresholding
+    assert pipe.scheduler.config.prediction_type == "sample"
     with pytest.raises(Exception, match="unknown config key"):
         load_video_config(None, ["masks.typo=1"])
+    with pytest.raises(Exception, match="sampler 'euler_a' cannot sample a 'sample' model; choose one of: dpm"):
+        load_video_config("training/configs/sprites-vdt.yaml", ["sampler=euler_a"])
 
 
 def test_metrics_and_baselines():

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from dit.models.vdt import VDTModel, vdt_config
 from dit.video_masks import TEMPORAL_TYPES, VideoMaskGenerator, apply_mask
+from pipelines.schedulers import make_scheduler, scheduler_names
 
 from .build import noise_scheduler
 from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
@@ -96,6 +97,7 @@ class VideoTrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: VideoValidationConfig = field(default_factory=VideoValidationConfig)
     fps: float = 8.0
+    sampler: str = "ddpm"  # the saved pipeline's scheduler (a pipelines.schedulers short name)
     log_every: int = 10
     tensorboard: bool = True
 
@@ -116,6 +118,11 @@ def load_video_config(path: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(f"masks.temporal_weights needs {len(TEMPORAL_TYPES)} weights: {', '.join(TEMPORAL_TYPES)}")
     if getattr(config.optim, "z_loss_weight", 0):
         raise ConfigError("optim.z_loss_weight is not supported by training.train_video; leave it at 0")
+    if config.sampler not in scheduler_names(config.noise.prediction_type):
+        raise ConfigError(
+            f"sampler {config.sampler!r} cannot sample a {config.noise.prediction_type!r} model; "
+            f"choose one of: {', '.join(scheduler_names(config.noise.prediction_type))}"
+        )
     return config
 
 
@@ -132,12 +139,17 @@ def build_video_transformer(config: VideoTrainConfig) -> VDTModel:
     return VDTModel(**kwargs)
 
 
-def video_sampling_scheduler(config: VideoTrainConfig) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) over the training schedule, clipping the predicted x0 to the data range [-1, 1] at every
+def video_sampling_scheduler(config: VideoTrainConfig) -> SchedulerMixin:
+    """``config.sampler`` over the training schedule, clipping the predicted x0 to the data range [-1, 1] at every
     step (diffusers' ``thresholding`` with ``sample_max_value=1``), as VDT's sampler does (``clip_denoised=True``).
-    Pixel-space models only: a latent model's range is not [-1, 1]."""
+    Pixel-space models only: a latent model's range is not [-1, 1].
+
+    The default is ancestral DDPM, VDT's own sampler. On the shipped x0-predicting default it beat DPM-Solver++(2M)
+    at 25 steps on both tasks (prediction 17.84 vs 17.32 dB, interpolation 20.54 vs 20.02 dB, 32 held-out clips):
+    the deterministic solver breaks the sprite into patch-sized pieces where the model is unsure.
+    """
     base = noise_scheduler(config)  # type: ignore[arg-type]  # reads config.noise only
-    return DPMSolverMultistepScheduler.from_config(base.config, thresholding=True, sample_max_value=1.0)
+    return make_scheduler(config.sampler, {**base.config, "thresholding": True, "sample_max_value": 1.0})
 
 
 def open_video_dataset(config: VideoTrainConfig, split: str = "train", seed: int | None = None) -> Any:
