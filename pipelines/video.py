@@ -54,6 +54,23 @@ TASK_HELP: dict[str, str] = {
 }
 
 
+def aligned_video(task: str, clip: Sequence[Any], num_given: int | None = None, frame_index: int = 0) -> Sequence[Any]:
+    """What to pass as ``video`` so that output frame ``i`` stands for ``clip[i]`` (evaluation, validation strips).
+
+    The placement rules read a user's clip as context ("continue this clip" takes its *last* frames), so handing a
+    full reference clip to ``predict`` would ask for the frames after it. Prediction gets the reference's first
+    ``num_given`` frames, backward prediction its last ones, animation the frame at ``frame_index``.
+    """
+    t = len(clip)
+    if task == "predict":
+        return clip[: default_num_given(t) if num_given is None else num_given]
+    if task == "backward":
+        return clip[t - (default_num_given(t) if num_given is None else num_given) :]
+    if task == "animate":
+        return [clip[frame_index % t]]
+    return clip
+
+
 @dataclass
 class VideoGenerationOutput(BaseOutput):
     """Generated clips plus what reproduces them.

@@ -211,6 +211,27 @@ def test_given_frames_come_back_unchanged(task, kwargs, placement):
     assert not np.array_equal(np.asarray(out.frames[0][generated[0]]), np.asarray(video[generated[0]]))
 
 
+@pytest.mark.parametrize(
+    "task,kwargs",
+    [("predict", {}), ("backward", {"num_given": 1}), ("interpolate", {}), ("animate", {"frame_index": 2})],
+)
+def test_aligned_video_lines_the_output_up_with_a_reference_clip(task, kwargs):
+    """Evaluation and validation strips score output frame i against reference frame i."""
+    from pipelines.video import aligned_video
+
+    ref = random_frames(4)
+    out = tiny_pipe()(
+        task=task,
+        video=aligned_video(task, ref, kwargs.get("num_given"), kwargs.get("frame_index", 0)),
+        num_inference_steps=2,
+        seed=0,
+        **kwargs,
+    )
+    assert out.given
+    for j in out.given:
+        assert np.array_equal(np.asarray(out.frames[0][j]), np.asarray(ref[j])), (task, j)
+
+
 def test_completion_keeps_pixels_outside_the_region_and_seeds_reproduce():
     pipe = tiny_pipe()
     video = random_frames(4, seed=1)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dit.video_masks import default_num_given
+from pipelines.video import aligned_video
 
 I3D_DEFAULT = Path.home() / ".cache" / "dit-studio" / "i3d_torchscript.pt"
 
@@ -181,10 +181,9 @@ def evaluate(
         given: list[int] = []
         for i, ref in enumerate(refs):
             real = _to_tensor(ref)
-            # Prediction gets only the frames it is given: the pipeline reads a longer clip as context and
-            # continues from its *last* frames, which would ask for frames after the reference ends.
-            k = default_num_given(len(ref)) if num_given is None else num_given
-            context = ref[:k] if task == "predict" else ref
+            # Prediction gets only the reference's first frames: handed the whole clip, the pipeline would
+            # continue from its *last* frames and generate frames after the reference ends.
+            context = aligned_video(task, ref, num_given)
             out = pipe(
                 task=task, video=context, num_given=num_given, stride=stride, num_inference_steps=steps, seed=seed + i
             )

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from dit.models.vdt import VDTModel, vdt_config
 from dit.video_masks import TEMPORAL_TYPES, VideoMaskGenerator, apply_mask
 from pipelines.schedulers import make_scheduler, scheduler_names
+from pipelines.video import aligned_video
 
 from .build import noise_scheduler
 from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
@@ -313,7 +314,7 @@ def save_video_validation(pipe: Any, config: VideoTrainConfig, step: int) -> Pat
     for task in v.tasks:
         for i in range(min(v.num_clips, len(held_out))):
             ref = held_out.frames(i)
-            out = pipe(task=task, video=ref, num_inference_steps=v.steps, seed=v.seed + i)
+            out = pipe(task=task, video=aligned_video(task, ref), num_inference_steps=v.steps, seed=v.seed + i)
             rows += [*ref, *out.frames[0]]
     grid = image_grid(rows, columns=config.data.num_frames)
     path = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
