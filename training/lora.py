@@ -31,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from pipelines.lora import COMPONENT, LORA_METADATA_KEY, LORA_WEIGHT_NAME
 
 from .config import CheckpointConfig, ConfigError, DataConfig, ValidationConfig, load_dataclass_config
-from .train import Trainer
+from .train import Trainer, end_cli_process
 
 ADAPTER = "default"  # the adapter's name inside the model while training; files carry no adapter name
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":

@@ -364,6 +364,23 @@ class Trainer:
         return target
 
 
+def end_cli_process(code: int = 0) -> int:
+    """Return ``code``; in a multi-process launch, end the process here instead, once everything is written.
+
+    A finished multi-process run can hang at interpreter exit: the DDP reducer holds the last reference to the
+    gloo process group, whose destructor joins its worker threads while holding the GIL, and a worker that is still
+    dropping the last collective's work (a barrier keeps the step's ``all_gather`` alive) needs the GIL to free its
+    tensors. Seen once in CI as rank 1 stuck in ``~ProcessGroupGloo`` after rank 0 had exited. By the time a trainer
+    returns, the pipeline or adapter is saved atomically, the loss log closed and the trackers finished
+    (``end_training``), so nothing is lost by skipping the teardown.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (training/configs/*.yaml)")
@@ -385,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":

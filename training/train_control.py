@@ -41,6 +41,7 @@ from pipelines.lora import LORA_WEIGHT_NAME
 
 from .config import CheckpointConfig, ConfigError, ValidationConfig, load_dataclass_config
 from .lora import LoraDataConfig, LoraOptimConfig, LoraTrainer
+from .train import end_cli_process
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -579,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":

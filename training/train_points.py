@@ -31,7 +31,7 @@ from dit.models.dit3d import DiT3DModel, dit3d_config, init_from_dit2d
 
 from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
 from .data.datasets import AspectRatioBucketSampler
-from .train import Trainer
+from .train import Trainer, end_cli_process
 
 WARM_SCHEDULES = {"warm0.1": 0.1, "warm0.2": 0.2, "warm0.5": 0.5}
 
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from .config import CheckpointConfig, ConfigError, DataConfig, OptimConfig, ValidationConfig, load_dataclass_config
-from .train import Trainer
+from .train import Trainer, end_cli_process
 from .validation import image_grid
 
 STAGES = ("vqvae", "var")
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from .build import noise_scheduler
 from .config import CheckpointConfig, ConfigError, NoiseConfig, OptimConfig, load_dataclass_config
 from .data.datasets import AspectRatioBucketSampler
 from .data.video import MovingSpritesDataset, VideoFolderDataset, collate_video_batch
-from .train import Trainer
+from .train import Trainer, end_cli_process
 from .validation import image_grid
 
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train(resume=args.resume)
-    return 0
+    return end_cli_process(0)
 
 
 if __name__ == "__main__":
