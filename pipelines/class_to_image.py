@@ -19,6 +19,7 @@ from .base import (
     check_size,
     check_steps,
     make_generators,
+    resolves_device_once,
 )
 from .errors import InputError
 from .records import build_records
@@ -89,6 +90,7 @@ class ClassToImagePipeline(DiTStudioPipeline):
         return ids
 
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         class_labels: int | str | list[int | str],

@@ -49,7 +49,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .base import ImageGenerationOutput, check_size
+from .base import ImageGenerationOutput, check_size, resolves_device_once
 from .errors import InputError, ModelLoadError
 from .text_to_image import TextToImagePipeline
 
@@ -430,6 +430,7 @@ class ControlTextToImagePipeline(TextToImagePipeline):
 
     # ---- the call -----------------------------------------------------------------------------------
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         prompt: str | list[str],

@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 # loads components from modules that are already imported.
 from dit.models.dit3d import DiT3DModel
 
-from .base import DiTStudioPipeline, check_count, check_guidance, check_steps, make_generators
+from .base import DiTStudioPipeline, check_count, check_guidance, check_steps, make_generators, resolves_device_once
 from .errors import InputError
 from .records import build_records
 
@@ -142,6 +142,7 @@ class PointCloudPipeline(DiTStudioPipeline):
 
     # ---- the call ----------------------------------------------------------------------------------
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         class_labels: int | str | list[int | str],

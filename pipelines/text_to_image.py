@@ -25,6 +25,7 @@ from .base import (
     check_size,
     check_steps,
     make_generators,
+    resolves_device_once,
 )
 from .errors import InputError
 from .records import build_records
@@ -114,6 +115,7 @@ class TextToImagePipeline(DiTStudioPipeline):
         return prompts, negs
 
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         prompt: str | list[str],

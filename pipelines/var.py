@@ -46,6 +46,7 @@ from .base import (
     check_guidance,
     check_steps,
     make_generators,
+    resolves_device_once,
 )
 from .class_to_image import ClassToImagePipeline
 from .errors import InputError
@@ -181,6 +182,7 @@ class VARPipeline(DiTStudioPipeline):
 
     # ---- the call -------------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         class_labels: int | str | list[int | str],

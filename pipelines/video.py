@@ -36,7 +36,7 @@ from diffusers.utils import BaseOutput
 import dit.models.vdt  # noqa: F401  (diffusers loads model_index components only from imported modules)
 from dit.video_masks import TASKS, default_num_given, default_stride, given_frames, task_mask
 
-from .base import DiTStudioPipeline, check_count, check_size, check_steps, make_generators
+from .base import DiTStudioPipeline, check_count, check_size, check_steps, make_generators, resolves_device_once
 from .errors import InputError
 from .records import build_records
 
@@ -223,6 +223,7 @@ class VideoPipeline(DiTStudioPipeline):
 
     # ---- call -----------------------------------------------------------------------------------------
     @torch.no_grad()
+    @resolves_device_once
     def __call__(
         self,
         task: str = "predict",

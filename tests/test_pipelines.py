@@ -168,3 +168,23 @@ def test_guidance_channels_guides_only_the_first_channels(c2i):
     torch.testing.assert_close(full[:, :2], part[:, :2])
     assert not torch.allclose(full[:, 2], part[:, 2])
     torch.testing.assert_close(part[:, 2], unguided[:, 2])  # channel 2 follows the conditional branch alone
+
+
+def test_execution_device_is_looked_up_once_per_call(t2i, monkeypatch):
+    """diffusers' lookup walks every module for offloading hooks; a call resolves it once and forgets it after."""
+    from diffusers import DiffusionPipeline
+
+    lookups = []
+    stock = DiffusionPipeline._execution_device
+
+    def counting(self):
+        lookups.append(1)
+        return stock.fget(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(counting))
+    t2i("red apple", num_inference_steps=3, seed=0, guidance_scale=3.0)
+    assert len(lookups) == 1 and t2i._call_device is None
+    with pytest.raises(InputError):
+        t2i("red apple", num_inference_steps=0)
+    assert t2i._call_device is None  # cleared after a failed call too
+    assert t2i._execution_device == torch.device("cpu") and len(lookups) == 3  # outside a call: diffusers' own
