@@ -110,13 +110,9 @@ def test_hooked_forward_equals_the_official_controlnet_forward_and_cfg_half_only
     randomize(adapter, seed=2)
     bc = BlockControl.attach(model)
     bc.add_adapter("cn", adapter)
-    kw = inputs(model)
-    cond = torch.randn(1, 3, 8, 8)
+    kw, cond, want, got = _official_and_ours(model, adapter, bc)
+    assert (want - got).abs().max() < 1e-5
     with torch.no_grad():
-        want = _official_forward(model, adapter, kw["hidden_states"], kw["encoder_hidden_states"], kw["timestep"], cond)
-        with bc.conditioned([ResidualCondition(cond, "cn")]):
-            got = model(**kw).sample
-        assert (want - got).abs().max() < 1e-5
         base = model(**kw).sample
         small = torch.randn(1, 3, 4, 4)
         with bc.conditioned([ResidualCondition(cond, "cn")], conditional_half_only=True):
@@ -136,13 +132,19 @@ def test_blocks_copied_after_the_hooks_are_installed_are_plain_blocks():
     bc.add_adapter("cn", adapter)
     for block in adapter.modules():
         assert not block._forward_pre_hooks and not block._forward_hooks
+    _, _, want, got = _official_and_ours(model, adapter, bc)
+    assert (want - got).abs().max() < 1e-5
+
+
+def _official_and_ours(model: TextDiTModel, adapter: ControlNetTransformer, bc: BlockControl) -> tuple:
+    """(inputs, condition, the written-out official forward, ours through BlockControl) on random inputs."""
     kw = inputs(model)
     cond = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         want = _official_forward(model, adapter, kw["hidden_states"], kw["encoder_hidden_states"], kw["timestep"], cond)
         with bc.conditioned([ResidualCondition(cond, "cn")]):
             got = model(**kw).sample
-    assert (want - got).abs().max() < 1e-5
+    return kw, cond, want, got
 
 
 def _official_file(model: TextDiTModel, adapter: ControlNetTransformer) -> dict[str, torch.Tensor]:
