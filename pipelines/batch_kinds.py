@@ -21,7 +21,6 @@ from typing import Any
 
 from .errors import InputError
 from .metadata import GenerationRecord, read_record, save_png
-from .schedulers import scheduler_names
 from .service import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, ModelSpec
 
 MAX_COUNT = 64
@@ -240,8 +239,9 @@ class RowKind:
         else:
             c.refuse(("guidance",), "takes no guidance scale")
         scheduler = c.get("scheduler", c.defaults.scheduler)
-        if scheduler is not None and scheduler not in scheduler_names():
-            c.errors.append(f"unknown scheduler {scheduler!r}; choose one of {', '.join(scheduler_names())}")
+        problem = c.spec.scheduler_problem(scheduler)  # unknown, or unable to step this model's prediction type
+        if problem is not None:
+            c.errors.append(problem)
         out["scheduler"] = scheduler
         out["attention"] = check_attention(c)
         return out

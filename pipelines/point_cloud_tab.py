@@ -113,10 +113,7 @@ class PointCloudRunner:
             raise InputError(f"Guidance must be a number, got {req.guidance_scale!r}.") from None
         if not 0 <= out.guidance_scale <= 100:
             raise InputError(f"Guidance must be between 0 and 100, got {req.guidance_scale}.")
-        if req.scheduler in (None, "", DEFAULT_SCHEDULER):
-            out.scheduler = None
-        elif req.scheduler not in scheduler_names():
-            raise InputError(f"Unknown scheduler {req.scheduler!r}. Choose one of: {', '.join(scheduler_names())}.")
+        out.scheduler = spec.scheduler_choice(req.scheduler)
         out.seed = _int(-1 if req.seed is None else req.seed, "Seed")
         if not -1 <= out.seed <= MAX_SEED:
             raise InputError(f"Seed must be -1 (random) or between 0 and {MAX_SEED}, got {out.seed}.")

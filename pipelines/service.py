@@ -79,6 +79,7 @@ class ModelSpec:
     # at exactly ``default_size``; forms and batch rows do not offer steps, scheduler or size for them.
     fixed_steps: int | None = None
     default_points: int | None = None  # point-cloud models: the points per cloud they were trained with
+    prediction_type: str | None = None  # the saved scheduler's: which samplers can step this model
 
     @property
     def max_side(self) -> int:
@@ -92,6 +93,35 @@ class ModelSpec:
     @property
     def min_side(self) -> int:
         return self.default_size if self.fixed_steps is not None else self.multiple
+
+    def schedulers(self) -> list[str]:
+        """The sampler names this model can use (all of them when its prediction type is unknown)."""
+        return scheduler_names(self.prediction_type)
+
+    def scheduler_problem(self, name: str | None) -> str | None:
+        """What is wrong with sampling this model with ``name`` (a batch-row message), or None if nothing is."""
+        if name in (None, "", "default"):
+            return None
+        usable = ", ".join(self.schedulers())
+        if name not in scheduler_names():
+            return f"unknown scheduler {name!r}; choose one of: {usable}"
+        if name not in self.schedulers():
+            return (
+                f"scheduler {name!r} cannot sample {self.name}, which predicts {self.prediction_type!r}; "
+                f"choose one of: {usable}"
+            )
+        return None
+
+    def scheduler_choice(self, name: str | None) -> str | None:
+        """``None`` for the model's own sampler, else ``name`` once it is known to step this model.
+
+        Checked here, before any weights load, for every form that names a sampler (batch rows use
+        :meth:`scheduler_problem`).
+        """
+        problem = self.scheduler_problem(name)
+        if problem is not None:
+            raise InputError(problem[0].upper() + problem[1:] + ".")
+        return None if name in (None, "", "default") else name
 
     def class_choices(self) -> list[str]:
         """Class names ordered by id, or ids as strings when the model has no names."""
@@ -135,6 +165,7 @@ def model_spec(entry: CatalogEntry) -> ModelSpec:
     if pipeline_class == "VARPipeline" and isinstance(transformer.get("patch_nums"), list):
         fixed_steps = len(transformer["patch_nums"])
     points = index.get("num_points")
+    prediction = _read_json(entry.path / "scheduler" / "scheduler_config.json").get("prediction_type")
     return ModelSpec(
         name=entry.name,
         kind=entry.kind,
@@ -145,6 +176,7 @@ def model_spec(entry: CatalogEntry) -> ModelSpec:
         pipeline_class=pipeline_class if isinstance(pipeline_class, str) else None,
         fixed_steps=fixed_steps,
         default_points=int(points) if isinstance(points, int) and not isinstance(points, bool) else None,
+        prediction_type=prediction if isinstance(prediction, str) else None,
     )
 
 
@@ -423,10 +455,8 @@ class GenerationService:
             out.prompt = out.negative_prompt = None
         else:
             raise InputError(f"Model {req.model!r} is a {spec.kind} model; this request is for image generators.")
-        if req.scheduler in (None, "", "default") or spec.fixed_steps is not None:
-            out.scheduler = None  # a fixed-schedule model (VAR) has no scheduler to choose
-        elif req.scheduler not in scheduler_names():
-            raise InputError(f"Unknown scheduler {req.scheduler!r}. Choose one of: {', '.join(scheduler_names())}.")
+        # a fixed-schedule model (VAR) has no scheduler to choose
+        out.scheduler = None if spec.fixed_steps is not None else spec.scheduler_choice(req.scheduler)
         # VAR runs one step per scale whatever the form says; progress and records count those steps
         out.steps = spec.fixed_steps or _as_int(req.steps, "Steps")
         if not 1 <= out.steps <= MAX_STEPS:

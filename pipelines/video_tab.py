@@ -24,7 +24,6 @@ import gradio as gr
 
 from .errors import InputError, ModelLoadError
 from .metadata import GenerationRecord
-from .schedulers import scheduler_names
 from .service import MAX_SEED, MAX_STEPS, GenerationService, apply_attention, attention_variants
 from .ui_tabs import DEFAULT_SCHEDULER, TabContext, TabHandle, register_tab, session_of, user_error
 
@@ -87,9 +86,7 @@ def run_video(
         raise InputError(f"Steps must be between 1 and {MAX_STEPS}, got {steps}.")
     if not -1 <= seed <= MAX_SEED:
         raise InputError(f"Seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}.")
-    sched = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
-    if sched is not None and sched not in scheduler_names():
-        raise InputError(f"Unknown scheduler {scheduler!r}. Choose one of: {', '.join(scheduler_names())}.")
+    sched = service.spec(model).scheduler_choice(scheduler)
     variants = attention_variants()
     attention = attention or variants[0]
     if attention not in variants:
@@ -146,6 +143,11 @@ def run_video(
     return mp4, str(written["gif"]), seed, status, record.to_dict()
 
 
+def _scheduler_menu(service: GenerationService, model: str) -> list[str]:
+    """The model's own sampler first, then those that can step it (an x0 model cannot use Euler-ancestral)."""
+    return [DEFAULT_SCHEDULER, *service.spec(model).schedulers()]
+
+
 @register_tab("video", title="Video", order=40)
 def build_video_tab(ctx: TabContext) -> TabHandle:
     service = ctx.service
@@ -174,7 +176,7 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                     scheduler = gr.Dropdown(
-                        [DEFAULT_SCHEDULER, *scheduler_names()], value=DEFAULT_SCHEDULER, label="Scheduler"
+                        _scheduler_menu(service, ctx.models[0]), value=DEFAULT_SCHEDULER, label="Scheduler"
                     )
                     seed = gr.Number(-1, label="Seed", info="-1: random", precision=0, minimum=-1, maximum=MAX_SEED)
                 variants = attention_variants()
@@ -226,6 +228,13 @@ def build_video_tab(ctx: TabContext) -> TabHandle:
         except (InputError, ModelLoadError) as e:
             raise user_error(e) from None
 
+    model.change(
+        lambda name: gr.Dropdown(choices=_scheduler_menu(service, name), value=DEFAULT_SCHEDULER),
+        model,
+        scheduler,
+        api_visibility="private",
+        queue=False,
+    )
     run.click(
         generate,
         [model, files, task, num_given, stride, frame_index, steps, seed, scheduler, attention],

@@ -547,6 +547,21 @@ def test_video_tab_generates_and_saves(tmp_path):
         )
     assert len(handle.fill_components) == 7
 
+    # An x0 model (as the shipped default): the menu leaves out the sampler that cannot step it, and a request
+    # naming it is refused before any weights load, with the usable ones.
+    x0 = tiny_pipe()
+    x0.scheduler = DPMSolverMultistepScheduler(prediction_type="sample")
+    x0.save_pretrained(tmp_path / "models" / "x0-video")
+    service = GenerationService(Catalog(roots=[tmp_path / "models"]), tmp_path / "out")
+    from pipelines.video_tab import _scheduler_menu
+
+    assert "euler_a" in _scheduler_menu(service, "tiny-video") and "euler_a" not in _scheduler_menu(service, "x0-video")
+    with pytest.raises(
+        InputError, match="'euler_a' cannot sample x0-video, which predicts 'sample'; choose one of: dpm"
+    ):
+        run_video(service, "s", "x0-video", [str(clip)], "predict the next frames", 2, 2, 0, 2, 5, "euler_a")
+    assert not service._cache  # refused before loading
+
 
 def test_video_folder_dataset(tmp_path):
     from pipelines.video_io import write_gif, write_mp4
