@@ -43,11 +43,16 @@ _PREDICTIONS: dict[str, frozenset[str]] = {"euler_a": frozenset({"epsilon", "v_p
 _BY_CLASS = {cls.__name__: name for name, (cls, over) in SCHEDULERS.items() if not over.get("use_karras_sigmas")}
 
 
+def can_step(name: str, prediction_type: str) -> bool:
+    """Whether sampler ``name`` can step a model trained to predict ``prediction_type``."""
+    return prediction_type in _PREDICTIONS.get(name, _ALL_PREDICTIONS)
+
+
 def scheduler_names(prediction_type: str | None = None) -> list[str]:
     """Every short name, or those that can sample a model trained for ``prediction_type``."""
     if prediction_type is None:
         return list(SCHEDULERS)
-    return [name for name in SCHEDULERS if prediction_type in _PREDICTIONS.get(name, _ALL_PREDICTIONS)]
+    return [name for name in SCHEDULERS if can_step(name, prediction_type)]
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
@@ -58,7 +63,7 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     cls, overrides = SCHEDULERS[key]
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     prediction = config.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS.get(key, _ALL_PREDICTIONS):
+    if not can_step(key, prediction):
         raise InputError(
             f"Scheduler {name!r} cannot sample a model that predicts {prediction!r}. "
             f"Choose one of: {', '.join(scheduler_names(prediction))}."

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.schedulers import make_scheduler
 from pipelines.video import aligned_video
 
 I3D_DEFAULT = Path.home() / ".cache" / "dit-studio" / "i3d_torchscript.pt"
@@ -261,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model} is not a video model", file=sys.stderr)
         return 2
     if args.scheduler:
-        from pipelines.schedulers import make_scheduler
-
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     refs = held_out_clips(pipe, args.clips, args.data_folder, args.emoji_root, args.seed)
     i3d = find_i3d(args.i3d)
